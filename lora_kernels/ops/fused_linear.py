@@ -1,0 +1,276 @@
+"""The fused (Q)LoRA linear op: forward, backward, torch.library registration, public functions.
+
+    y   = x W^T + bias + s * (drop(x) A^T) B^T              xa = drop(x) A^T            [M, r], saved
+    dxa = dy B                                            dx = dy W + s * drop'(dxa A)
+    dA  = s * dxa^T drop(x)                               dB = s * dy^T xa
+    W (4-bit or dense) is frozen: decoded again in backward, never saved, never given a gradient.
+    drop(x) = x * keep / (1 - p); keep is regenerated from (seed, row, col) wherever it is needed, so no
+    mask is stored and recomputation under activation checkpointing (which restores the RNG the seed is
+    drawn from) reproduces it.
+
+The Triton path: xa by a small rank kernel, then one GEMM kernel that decodes W in its main loop and adds
+the LoRA term and bias in the epilogue before the single store of y (dx likewise). For large M the
+dispatcher can instead decode W into a buffer, run cuBLAS, and apply the same epilogue (configs.choose_path).
+The reference path (CPU default) runs the same equations in plain PyTorch (lora_kernels.reference).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ..backend import use_triton
+from ..nf4 import Quant4bit, block_scales, read_quant_state
+from . import configs
+
+_COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _quant_from_parts(packed, qmeta, qints) -> Quant4bit:
+    n, k, bs, bs2 = qints
+    nested = len(qmeta) == 5
+    return Quant4bit(packed=packed, code=qmeta[0], absmax=qmeta[1], blocksize=bs, shape=(n, k), dtype=None,
+                     quant_type="", code2=qmeta[2] if nested else None, absmax2=qmeta[3] if nested else None,
+                     offset=qmeta[4] if nested else None, blocksize2=bs2)
+
+
+def _dense_weight(weight, qmeta, qints, dtype):
+    """W as a dense [N, K] tensor in `dtype` (reference path, and the Triton dequant path)."""
+    if not qints:
+        return weight
+    q = _quant_from_parts(weight, qmeta, qints)
+    if use_triton(weight.device):
+        from .dequant import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(q, dtype)
+    return reference.dequantize_4bit_ref(q, dtype)
+
+
+def _seed_of(seed: torch.Tensor, dropout_p: float) -> Optional[int]:
+    return int(seed.item()) if dropout_p > 0.0 else None
+
+
+# ------------------------------------------------------------------------------------------ triton path
+
+def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear, launch_lora_down
+
+    m = x.shape[0]
+    n = qints[0] if qints else weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    xa = b = None
+    if lora_A is not None:
+        xa = launch_lora_down(x, lora_A.to(x.dtype).contiguous(), dropout_p, seed)
+        b = lora_B.to(x.dtype)
+    lora = dict(left=xa, right=b, right_strides=(b.stride(1), b.stride(0)) if b is not None else None,
+                bias=bias, scaling=scaling)
+    if configs.choose_path(m) == "dequant":
+        w = _dense_weight(weight, qmeta, qints, x.dtype)
+        torch.mm(x, w.t(), out=out)
+        if xa is not None or bias is not None:
+            launch_fused_linear(x, None, (0, 0), BASE_NONE, out, acc_in=True, **lora)
+    elif qints:
+        q = _quant_from_parts(weight, qmeta, qints)
+        launch_fused_linear(x, q.packed, (1, q.shape[1]), BASE_4BIT, out, code=q.code,
+                            scales=block_scales(q).contiguous(), blocksize=q.blocksize, **lora)
+    else:
+        launch_fused_linear(x, weight, (weight.stride(1), weight.stride(0)), BASE_DENSE, out, **lora)
+    return out, xa
+
+
+def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, seed):
+    from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear
+
+    m = dy.shape[0]
+    k = qints[1] if qints else weight.shape[1]
+    dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+    lora = dict(left=dxa, right=a, right_strides=(a.stride(0), a.stride(1)) if a is not None else None,
+                scaling=scaling, dropout_p=dropout_p if dxa is not None else 0.0, seed=seed)
+    if configs.choose_path(m) == "dequant":
+        torch.mm(dy, _dense_weight(weight, qmeta, qints, dy.dtype), out=dx)
+        if dxa is not None:
+            launch_fused_linear(dy, None, (0, 0), BASE_NONE, dx, acc_in=True, **lora)
+    elif qints:
+        q = _quant_from_parts(weight, qmeta, qints)
+        launch_fused_linear(dy, q.packed, (q.shape[1], 1), BASE_4BIT, dx, code=q.code,
+                            scales=block_scales(q).contiguous(), blocksize=q.blocksize, **lora)
+    else:
+        launch_fused_linear(dy, weight, (weight.stride(0), weight.stride(1)), BASE_DENSE, dx, **lora)
+    return dx
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+
+@torch.library.custom_op("lora_kernels::linear_fwd", mutates_args=())
+def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor], qints: list[int],
+                lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                scaling: float, dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) for x [M, K]; xa is empty when there is no LoRA term. qints = [N, K, blocksize, blocksize2]
+    for a 4-bit weight (qmeta its code/absmax[/code2/absmax2/offset]), [] for a dense one."""
+    seed_value = _seed_of(seed, dropout_p)
+    if x.shape[0] == 0:
+        n = qints[0] if qints else weight.shape[0]
+        return x.new_empty((0, n)), x.new_empty((0, 0 if lora_A is None else lora_A.shape[0]))
+    if use_triton(x.device):
+        y, xa = _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed_value or 0)
+    else:
+        w = _dense_weight(weight, qmeta, qints, x.dtype)
+        y, xa = reference.lora_linear_fwd_ref(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed_value)
+    return y, (xa if xa is not None else x.new_empty((0,)))
+
+
+@_linear_fwd.register_fake
+def _(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    n = qints[0] if qints else weight.shape[0]
+    xa_shape = (x.shape[0], lora_A.shape[0]) if lora_A is not None else (0,)
+    return x.new_empty((x.shape[0], n)), x.new_empty(xa_shape)
+
+
+@torch.library.custom_op("lora_kernels::linear_bwd", mutates_args=())
+def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor],
+                qints: list[int], lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor],
+                xa: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
+                need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB); a gradient that is not needed comes back empty."""
+    seed_value = _seed_of(seed, dropout_p)
+    has_lora = lora_A is not None
+    dy = dy.contiguous()
+    if dy.shape[0] == 0:
+        dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
+        return dx, *((torch.zeros_like(lora_A), torch.zeros_like(lora_B)) if has_lora else (x.new_empty((0,)),) * 2)
+    if use_triton(dy.device):
+        a = lora_A.to(dy.dtype).contiguous() if has_lora else None
+        dxa = dy @ lora_B.to(dy.dtype) if has_lora else None
+        dx = _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, seed_value or 0) if need_dx else None
+        d_a = d_b = None
+        if has_lora:
+            if dropout_p > 0.0:
+                from .fused_linear_kernels import launch_lora_grad_a
+
+                d_a = (launch_lora_grad_a(dxa, x, dropout_p, seed_value) * scaling).to(lora_A.dtype)
+            else:
+                d_a = ((dxa.t() @ x) * scaling).to(lora_A.dtype)
+            d_b = ((dy.t() @ xa) * scaling).to(lora_B.dtype)
+    else:
+        w = _dense_weight(weight, qmeta, qints, dy.dtype)
+        dx, d_a, d_b = reference.lora_linear_bwd_ref(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed_value,
+                                                     need_dx=need_dx)
+    empty = x.new_empty((0,))
+    return (dx if dx is not None else empty, d_a if d_a is not None else empty, d_b if d_b is not None else empty)
+
+
+@_linear_bwd.register_fake
+def _(dy, x, weight, qmeta, qints, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):
+    empty = x.new_empty((0,))
+    dx = x.new_empty(x.shape) if need_dx else empty
+    if lora_A is None:
+        return dx, empty, empty
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed, *qmeta)
+    ctx.qints, ctx.scaling, ctx.dropout_p = qints, scaling, dropout_p
+    ctx.has_lora, ctx.bias_grad = lora_A is not None, bias is not None and bias.requires_grad
+
+
+def _backward(ctx, dy, _dxa_unused):
+    x, weight, lora_A, lora_B, xa, seed, *qmeta = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_lora = ctx.has_lora and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+    dx = d_a = d_b = d_bias = None
+    if need_dx or need_lora:
+        dx, d_a, d_b = _linear_bwd(dy, x, weight, qmeta, ctx.qints, lora_A if need_lora else None,
+                                   lora_B if need_lora else None, xa, ctx.scaling, ctx.dropout_p, seed, need_dx)
+        if not need_dx:
+            dx = None
+        if not need_lora:
+            d_a = d_b = None
+    if ctx.bias_grad:
+        d_bias = dy.sum(0)
+    return dx, None, [None] * len(qmeta), None, d_a, d_b, d_bias, None, None, None
+
+
+torch.library.register_autograd("lora_kernels::linear_fwd", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ public functions
+
+def _check_common(x, n, k, lora_A, lora_B, bias, dropout_p, device, what):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in _COMPUTE_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; supported are bfloat16, float16 and float32")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)} but {what} has in_features {k} (weight {n}x{k})")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must both be tensors or both be None")
+    tensors = {"x": x}
+    if lora_A is not None:
+        if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
+            raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}, expected (r, {k}) with r >= 1")
+        r = lora_A.shape[0]
+        if lora_B.dim() != 2 or tuple(lora_B.shape) != (n, r):
+            raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}, expected ({n}, {r}) to match lora_A "
+                             f"{tuple(lora_A.shape)} and out_features {n}")
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if t.dtype not in _COMPUTE_DTYPES:
+                raise TypeError(f"{name} has dtype {t.dtype}; supported are bfloat16, float16 and float32")
+        tensors.update(lora_A=lora_A, lora_B=lora_B)
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        if bias.dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"bias has dtype {bias.dtype}; supported are bfloat16, float16 and float32")
+        tensors["bias"] = bias
+    bad = {name: str(t.device) for name, t in tensors.items() if t.device != device}
+    if bad:
+        raise ValueError(f"tensors on different devices: weight on {device}, " +
+                         ", ".join(f"{name} on {d}" for name, d in bad.items()))
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _draw_seed(dropout_p, training, lora_A):
+    """Seed from torch's CPU generator: activation checkpointing restores it, so recompute sees the same."""
+    p = float(dropout_p) if (training and lora_A is not None) else 0.0
+    seed = torch.randint(2, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else torch.zeros((), dtype=torch.int64)
+    return p, seed
+
+
+def _run(x, k, n, weight, qmeta, qints, lora_A, lora_B, scaling, bias, dropout_p, training):
+    p, seed = _draw_seed(dropout_p, training, lora_A)
+    x2 = x.reshape(-1, k)
+    y, _ = _linear_fwd(x2, weight, qmeta, qints, lora_A, lora_B, bias, float(scaling), p, seed)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def qlora_linear(x, weight, quant_state, lora_A, lora_B, scaling, *, bias=None, dropout_p=0.0, training=False):
+    """y = x W^T + bias + scaling * (dropout(x) lora_A^T) lora_B^T with W stored in bitsandbytes 4-bit.
+
+    weight: bitsandbytes Params4bit or its packed data (any quant_storage dtype); quant_state: its QuantState.
+    x: [..., in_features] bf16/fp16/fp32; lora_A [r, in_features], lora_B [out_features, r] (fp32 or the
+    compute dtype), or both None for the base layer alone. Gradients flow to x, lora_A, lora_B (and bias if it
+    requires grad), never to W. Dropout runs only when training=True.
+    """
+    q = read_quant_state(weight, quant_state)
+    n, k = q.shape
+    _check_common(x, n, k, lora_A, lora_B, bias, dropout_p, q.device, "the 4-bit weight")
+    return _run(x, k, n, q.packed, q.meta_tensors(), [n, k, q.blocksize, q.blocksize2], lora_A, lora_B, scaling,
+                bias, dropout_p, training)
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, dropout_p=0.0, training=False):
+    """The same fused op for a dense [out_features, in_features] base weight of x's dtype."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [out_features, in_features] tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    n, k = weight.shape
+    _check_common(x, n, k, lora_A, lora_B, bias, dropout_p, weight.device, "weight")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    return _run(x, k, n, weight.detach(), [], [], lora_A, lora_B, scaling, bias, dropout_p, training)

@@ -1,0 +1,119 @@
+"""Pure-PyTorch oracles for every kernel: the CPU backend and what the tests compare the kernels with.
+
+`upcast` computes in that dtype (torch.float32 or torch.float64) instead of the input dtype; the tests'
+error bounds compare the kernels' error against an upcast reference with PyTorch's own error in bf16/fp16.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .nf4 import Quant4bit, block_scales
+
+_M32 = 0xFFFFFFFF
+# Philox4x32 constants (Salmon et al., 2011).
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+def dequantize_4bit_ref(q: Quant4bit, dtype: torch.dtype) -> torch.Tensor:
+    n, k = q.shape
+    packed = q.packed
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[: n * k]
+    scales = block_scales(q).repeat_interleave(q.blocksize)[: n * k]
+    values = q.code[nibbles.long()] * scales  # fp32, as bitsandbytes
+    return values.to(dtype).reshape(n, k)
+
+
+def _mul_lo_hi(a: torch.Tensor, b: int):
+    """(a*b) mod 2^32 and (a*b) >> 32 for uint32 values held in int64, without int64 overflow."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    lo_prod = a_lo * b
+    mid = a_hi * b + (lo_prod >> 16)
+    return ((((a_hi * b) & 0xFFFF) << 16) + lo_prod) & _M32, mid >> 16
+
+
+def philox_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) fp32 from Philox4x32-10 with counter (col, row, 0, 0) and key (seed, 0).
+
+    Bit-identical to the kernels' `_philox_uniform` (ops/dropout.py): the dropout mask depends only on
+    the seed and the element's (row, col) in the 2-D view of x, so backward and recomputation regenerate it.
+    """
+    c0 = (cols.to(torch.int64) & _M32).expand(torch.broadcast_shapes(rows.shape, cols.shape)).clone()
+    c1 = (rows.to(torch.int64) & _M32).expand_as(c0).clone()
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = int(seed) & _M32, 0
+    for _ in range(PHILOX_ROUNDS):
+        lo_b, hi_b = _mul_lo_hi(c2, _ROUND_B)
+        lo_a, hi_a = _mul_lo_hi(c0, _ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return (c0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def dropout_keep_mask(seed: int, m: int, k: int, p: float, device=None) -> torch.Tensor:
+    """Boolean [m, k] mask of kept elements for dropout probability p."""
+    rows = torch.arange(m, device=device).unsqueeze(1)
+    cols = torch.arange(k, device=device).unsqueeze(0)
+    return philox_uniform(seed, rows, cols) >= p
+
+
+def apply_dropout(x2d: torch.Tensor, p: float, seed: Optional[int]) -> torch.Tensor:
+    if p == 0.0 or seed is None:
+        return x2d
+    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
+    return torch.where(keep, x2d / (1.0 - p), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
+
+
+def lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, seed=None,
+                    upcast: Optional[torch.dtype] = None):
+    """y = x W^T + bias + scaling * (drop(x) A^T) B^T with a dense W; autograd-capable.
+
+    Without upcast, everything runs in x's dtype, as a plain PyTorch bf16/fp16 program would.
+    `seed=None` means no dropout (eval, or p = 0).
+    """
+    dtype = upcast or x.dtype
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).to(dtype)
+    y = x2 @ weight.to(dtype).t()
+    if lora_A is not None:
+        xd = apply_dropout(x2, dropout_p, seed)
+        xa = xd @ lora_A.to(dtype).t()
+        y = y + scaling * (xa @ lora_B.to(dtype).t())
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_fwd_ref(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    """Forward of the op in the input dtype, returning (y, xa) like the kernels (xa = drop(x) A^T)."""
+    dtype = x2d.dtype
+    y = x2d @ weight.to(dtype).t()
+    xa = None
+    if lora_A is not None:
+        xa = apply_dropout(x2d, dropout_p, seed) @ lora_A.to(dtype).t()
+        y = y + scaling * (xa @ lora_B.to(dtype).t())
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y, xa
+
+
+def lora_linear_bwd_ref(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx=True):
+    """The op's backward written out (the kernels implement the same equations):
+
+        dxa = dy B                      dx = dy W + s * drop'(dxa A)
+        dA  = s * dxa^T drop(x)         dB = s * dy^T xa
+    """
+    dtype = dy.dtype
+    dx = dy @ weight.to(dtype) if need_dx else None
+    if lora_A is None:
+        return dx, None, None
+    dxa = dy @ lora_B.to(dtype)
+    if need_dx:
+        dx = dx + scaling * apply_dropout(dxa @ lora_A.to(dtype), dropout_p, seed)
+    d_a = (scaling * (dxa.t() @ apply_dropout(x2d, dropout_p, seed))).to(lora_A.dtype)
+    d_b = (scaling * (dy.t() @ xa)).to(lora_B.dtype)
+    return dx, d_a, d_b
