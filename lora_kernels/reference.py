@@ -101,7 +101,8 @@ def lora_linear_fwd_ref(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, s
     return y, xa
 
 
-def lora_linear_bwd_ref(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx=True):
+def lora_linear_bwd_ref(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx=True,
+                        need_lora=True):
     """The op's backward written out (the kernels implement the same equations):
 
         dxa = dy B                      dx = dy W + s * drop'(dxa A)
@@ -114,6 +115,8 @@ def lora_linear_bwd_ref(dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p,
     dxa = dy @ lora_B.to(dtype)
     if need_dx:
         dx = dx + scaling * apply_dropout(dxa @ lora_A.to(dtype), dropout_p, seed)
+    if not need_lora:
+        return dx, None, None
     d_a = (scaling * (dxa.t() @ apply_dropout(x2d, dropout_p, seed))).to(lora_A.dtype)
     d_b = (scaling * (dy.t() @ xa)).to(lora_B.dtype)
     return dx, d_a, d_b

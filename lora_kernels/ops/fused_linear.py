@@ -29,6 +29,10 @@ _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # ------------------------------------------------------------------------------------------ helpers
 
+def _is_4bit(qints) -> bool:
+    return qints[2] > 0  # qints = [N, K, blocksize, blocksize2]; blocksize 0 marks a dense weight
+
+
 def _quant_from_parts(packed, qmeta, qints) -> Quant4bit:
     n, k, bs, bs2 = qints
     nested = len(qmeta) == 5
@@ -39,7 +43,7 @@ def _quant_from_parts(packed, qmeta, qints) -> Quant4bit:
 
 def _dense_weight(weight, qmeta, qints, dtype):
     """W as a dense [N, K] tensor in `dtype` (reference path, and the Triton dequant path)."""
-    if not qints:
+    if not _is_4bit(qints):
         return weight
     q = _quant_from_parts(weight, qmeta, qints)
     if use_triton(weight.device):
@@ -59,7 +63,7 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
     from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear, launch_lora_down
 
     m = x.shape[0]
-    n = qints[0] if qints else weight.shape[0]
+    n = qints[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     xa = b = None
     if lora_A is not None:
@@ -72,7 +76,7 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
         torch.mm(x, w.t(), out=out)
         if xa is not None or bias is not None:
             launch_fused_linear(x, None, (0, 0), BASE_NONE, out, acc_in=True, **lora)
-    elif qints:
+    elif _is_4bit(qints):
         q = _quant_from_parts(weight, qmeta, qints)
         launch_fused_linear(x, q.packed, (1, q.shape[1]), BASE_4BIT, out, code=q.code,
                             scales=block_scales(q).contiguous(), blocksize=q.blocksize, **lora)
@@ -85,7 +89,7 @@ def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, se
     from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear
 
     m = dy.shape[0]
-    k = qints[1] if qints else weight.shape[1]
+    k = qints[1]
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     lora = dict(left=dxa, right=a, right_strides=(a.stride(0), a.stride(1)) if a is not None else None,
                 scaling=scaling, dropout_p=dropout_p if dxa is not None else 0.0, seed=seed)
@@ -93,7 +97,7 @@ def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, se
         torch.mm(dy, _dense_weight(weight, qmeta, qints, dy.dtype), out=dx)
         if dxa is not None:
             launch_fused_linear(dy, None, (0, 0), BASE_NONE, dx, acc_in=True, **lora)
-    elif qints:
+    elif _is_4bit(qints):
         q = _quant_from_parts(weight, qmeta, qints)
         launch_fused_linear(dy, q.packed, (q.shape[1], 1), BASE_4BIT, dx, code=q.code,
                             scales=block_scales(q).contiguous(), blocksize=q.blocksize, **lora)
@@ -108,11 +112,11 @@ def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, se
 def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor], qints: list[int],
                 lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 scaling: float, dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa) for x [M, K]; xa is empty when there is no LoRA term. qints = [N, K, blocksize, blocksize2]
-    for a 4-bit weight (qmeta its code/absmax[/code2/absmax2/offset]), [] for a dense one."""
+    """(y, xa) for x [M, K]; xa is empty when there is no LoRA term. qints = [N, K, blocksize, blocksize2];
+    a 4-bit weight has qmeta = its code, absmax[, code2, absmax2, offset]; a dense one blocksize 0, qmeta []."""
     seed_value = _seed_of(seed, dropout_p)
     if x.shape[0] == 0:
-        n = qints[0] if qints else weight.shape[0]
+        n = qints[0]
         return x.new_empty((0, n)), x.new_empty((0, 0 if lora_A is None else lora_A.shape[0]))
     if use_triton(x.device):
         y, xa = _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed_value or 0)
@@ -124,7 +128,7 @@ def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor]
 
 @_linear_fwd.register_fake
 def _(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    n = qints[0] if qints else weight.shape[0]
+    n = qints[0]
     xa_shape = (x.shape[0], lora_A.shape[0]) if lora_A is not None else (0,)
     return x.new_empty((x.shape[0], n)), x.new_empty(xa_shape)
 
@@ -133,20 +137,24 @@ def _(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
 def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor],
                 qints: list[int], lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor],
                 xa: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
-                need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB); a gradient that is not needed comes back empty."""
+                need_dx: bool, need_lora: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB); a gradient that is not needed comes back empty. The LoRA term is part of dx whether or
+    not A and B need gradients."""
     seed_value = _seed_of(seed, dropout_p)
     has_lora = lora_A is not None
     dy = dy.contiguous()
+    need_lora = need_lora and has_lora
     if dy.shape[0] == 0:
         dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
-        return dx, *((torch.zeros_like(lora_A), torch.zeros_like(lora_B)) if has_lora else (x.new_empty((0,)),) * 2)
+        if need_lora:
+            return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+        return dx, x.new_empty((0,)), x.new_empty((0,))
     if use_triton(dy.device):
         a = lora_A.to(dy.dtype).contiguous() if has_lora else None
         dxa = dy @ lora_B.to(dy.dtype) if has_lora else None
         dx = _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, seed_value or 0) if need_dx else None
         d_a = d_b = None
-        if has_lora:
+        if need_lora:
             if dropout_p > 0.0:
                 from .fused_linear_kernels import launch_lora_grad_a
 
@@ -157,17 +165,16 @@ def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: 
     else:
         w = _dense_weight(weight, qmeta, qints, dy.dtype)
         dx, d_a, d_b = reference.lora_linear_bwd_ref(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed_value,
-                                                     need_dx=need_dx)
-    empty = x.new_empty((0,))
-    return (dx if dx is not None else empty, d_a if d_a is not None else empty, d_b if d_b is not None else empty)
+                                                     need_dx=need_dx, need_lora=need_lora)
+    # Custom-op outputs may not alias each other: a fresh empty tensor for each missing gradient.
+    return tuple(g if g is not None else x.new_empty((0,)) for g in (dx, d_a, d_b))
 
 
 @_linear_bwd.register_fake
-def _(dy, x, weight, qmeta, qints, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx):
-    empty = x.new_empty((0,))
-    dx = x.new_empty(x.shape) if need_dx else empty
-    if lora_A is None:
-        return dx, empty, empty
+def _(dy, x, weight, qmeta, qints, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_lora):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    if lora_A is None or not need_lora:
+        return dx, x.new_empty((0,)), x.new_empty((0,))
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
@@ -175,7 +182,8 @@ def _setup_context(ctx, inputs, output):
     x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed, *qmeta)
     ctx.qints, ctx.scaling, ctx.dropout_p = qints, scaling, dropout_p
-    ctx.has_lora, ctx.bias_grad = lora_A is not None, bias is not None and bias.requires_grad
+    ctx.has_lora = lora_A is not None
+    ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
 
 
 def _backward(ctx, dy, _dxa_unused):
@@ -184,14 +192,14 @@ def _backward(ctx, dy, _dxa_unused):
     need_lora = ctx.has_lora and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
     dx = d_a = d_b = d_bias = None
     if need_dx or need_lora:
-        dx, d_a, d_b = _linear_bwd(dy, x, weight, qmeta, ctx.qints, lora_A if need_lora else None,
-                                   lora_B if need_lora else None, xa, ctx.scaling, ctx.dropout_p, seed, need_dx)
+        dx, d_a, d_b = _linear_bwd(dy, x, weight, qmeta, ctx.qints, lora_A, lora_B, xa, ctx.scaling,
+                                   ctx.dropout_p, seed, need_dx, need_lora)
         if not need_dx:
             dx = None
         if not need_lora:
             d_a = d_b = None
-    if ctx.bias_grad:
-        d_bias = dy.sum(0)
+    if ctx.bias_dtype is not None:
+        d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return dx, None, [None] * len(qmeta), None, d_a, d_b, d_bias, None, None, None
 
 
@@ -273,4 +281,4 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, dropout_p=0.0,
     _check_common(x, n, k, lora_A, lora_B, bias, dropout_p, weight.device, "weight")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
-    return _run(x, k, n, weight.detach(), [], [], lora_A, lora_B, scaling, bias, dropout_p, training)
+    return _run(x, k, n, weight.detach(), [], [n, k, 0, 0], lora_A, lora_B, scaling, bias, dropout_p, training)

@@ -1,0 +1,25 @@
+"""Shared helpers of the kernel tests: quantized weights, error bounds."""
+import bitsandbytes.functional as bnbF
+import torch
+
+
+def quantized(n, k, *, dtype=torch.bfloat16, quant_type="nf4", nested=True, blocksize=64,
+              quant_storage=torch.uint8, seed=0, device="cpu"):
+    """(packed, quant_state, dense W as bitsandbytes dequantizes it) for a random [n, k] weight."""
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(device)
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                       compress_statistics=nested, quant_storage=quant_storage)
+    return packed, state, bnbF.dequantize_4bit(packed, state)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close_to_oracle(got, oracle, native, *, factor=2.0, atol=1e-5, what="output"):
+    """`got`'s error against the fp64 `oracle` may be at most `factor` times the error of PyTorch's own
+    low-precision computation `native` of the same thing, plus `atol` (DESIGN.md: tolerance that means something)."""
+    err = max_err(got, oracle)
+    bound = factor * max_err(native, oracle) + atol * max(1.0, oracle.abs().max().item())
+    assert err <= bound, f"{what}: error {err:.3e} exceeds {factor} x PyTorch's own {max_err(native, oracle):.3e} + atol"
