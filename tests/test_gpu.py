@@ -1,0 +1,58 @@
+"""The same checks on CUDA at real shapes (Llama-3-8B projections, M = 8192). Skipped without a GPU."""
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import reference
+from tests._util import assert_close_to_oracle, quantized
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336)])
+def test_dequantize_bit_exact_on_cuda(dtype, n, k):
+    packed, state, expected = quantized(n, k, dtype=dtype, device="cuda")
+    assert torch.equal(lk.dequantize_4bit(packed, state), expected)
+
+
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("n,k,r", [(4096, 4096, 16), (4096, 4096, 64), (4096, 14336, 16), (14336, 4096, 64)])
+def test_qlora_linear_real_shapes(monkeypatch, path, n, k, r):
+    monkeypatch.setenv("LORA_KERNELS_PATH", path)
+    m, dtype, p, s = 8192, torch.bfloat16, 0.1, 2.0
+    packed, state, w = quantized(n, k, dtype=dtype, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    a = (torch.randn(r, k, generator=gen, device="cuda") / k**0.5).requires_grad_()
+    b = (torch.randn(n, r, generator=gen, device="cuda") / r**0.5).requires_grad_()
+    bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    a_s = [a.detach().clone().requires_grad_() for _ in range(3)]
+    b_s = [b.detach().clone().requires_grad_() for _ in range(3)]
+    torch.manual_seed(1)
+    y = lk.qlora_linear(xs[0], packed, state, a_s[0], b_s[0], s, bias=bias, dropout_p=p, training=True)
+    torch.manual_seed(1)
+    seed = int(torch.randint(2, 2**31 - 1, (), dtype=torch.int64))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    y32 = reference.lora_linear_ref(xs[1], w, a_s[1], b_s[1], s, bias, p, seed, upcast=torch.float32)
+    y_nat = reference.lora_linear_ref(xs[2], w, a_s[2], b_s[2], s, bias, p, seed)
+    assert_close_to_oracle(y, y32, y_nat, what="y")
+    dy = torch.randn(y.shape, generator=gen, device="cuda").to(dtype)
+    for t in (y, y32, y_nat):
+        t.backward(dy.to(t.dtype))
+    for name, i in (("dx", xs), ("dA", a_s), ("dB", b_s)):
+        assert_close_to_oracle(i[0].grad, i[1].grad, i[2].grad, what=name)
+
+
+def test_decode_shapes_on_cuda():
+    """M = 1 and 16 (decode) at 8192x8192 against the fp32 oracle."""
+    packed, state, w = quantized(8192, 8192, device="cuda")
+    a = torch.randn(16, 8192, device="cuda") / 90
+    b = torch.randn(8192, 16, device="cuda") / 4
+    for m in (1, 16):
+        x = torch.randn(m, 8192, device="cuda").to(torch.bfloat16)
+        y = lk.qlora_linear(x, packed, state, a, b, 2.0)
+        y32 = reference.lora_linear_ref(x, w, a, b, 2.0, upcast=torch.float32)
+        y_nat = reference.lora_linear_ref(x, w, a, b, 2.0)
+        assert_close_to_oracle(y, y32, y_nat, what=f"M={m}")

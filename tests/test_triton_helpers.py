@@ -1,0 +1,64 @@
+"""The kernels' shared helpers: in-kernel Philox against its PyTorch mirror, and the interpreter's bf16 tl.dot
+workaround (DESIGN.md: the interpreter multiplies bf16 bit patterns as integers)."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from lora_kernels import reference
+from lora_kernels.ops.common import INTERPRETED, UPCAST_DOT, mma, philox_uniform
+from tests.conftest import DEVICE
+
+
+@triton.jit
+def _uniform_kernel(out_ptr, seed, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    u = philox_uniform(seed, rows[:, None], cols[None, :])
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], u, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@pytest.mark.parametrize("seed", [2, 12345, 2**31 - 2])
+def test_philox_kernel_is_bit_identical_to_reference(seed):
+    m, n = 37, 50
+    out = torch.empty(m, n, device=DEVICE)
+    _uniform_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 32))](out, seed, m, n, BM=16, BN=32)
+    expected = reference.philox_uniform(seed, torch.arange(m).unsqueeze(1), torch.arange(n).unsqueeze(0))
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_philox_reference_statistics():
+    u = reference.philox_uniform(99, torch.arange(256).unsqueeze(1), torch.arange(256).unsqueeze(0))
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    other = reference.philox_uniform(100, torch.arange(256).unsqueeze(1), torch.arange(256).unsqueeze(0))
+    assert (u == other).float().mean() < 0.01  # a new seed gives a new stream
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, UPCAST: tl.constexpr):
+    r = tl.arange(0, 16)
+    a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+    c = mma(a, b, tl.zeros((16, 16), dtype=tl.float32), UPCAST)
+    tl.store(c_ptr + r[:, None] * 16 + r[None, :], c)
+
+
+def _dot(a, b, upcast):
+    c = torch.empty(16, 16, device=DEVICE)
+    _dot_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), c, UPCAST=upcast)
+    return c.cpu()
+
+
+def test_bf16_dot_workaround():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=gen).to(torch.bfloat16)
+    b = torch.randn(16, 16, generator=gen).to(torch.bfloat16)
+    expected = a.float() @ b.float()
+    assert UPCAST_DOT == INTERPRETED  # the workaround is on exactly under the interpreter
+    torch.testing.assert_close(_dot(a, b, UPCAST_DOT), expected, rtol=1e-5, atol=1e-5)
+    if INTERPRETED:
+        raw = _dot(a, b, False)
+        if torch.allclose(raw, expected, rtol=1e-2, atol=1e-2):
+            pytest.skip("this Triton's interpreter computes bf16 tl.dot correctly: the workaround is no longer needed")
+        assert not torch.allclose(raw, expected, rtol=1e-2, atol=1e-2)
