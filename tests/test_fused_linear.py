@@ -16,8 +16,11 @@ CASES = [
     ((2, 7, 64), 48, 64, 16, torch.bfloat16, "fp4", True, False, torch.bfloat16),  # 3-D x
     ((3, 11, 200), 72, 200, 64, torch.bfloat16, "nf4", True, True, torch.float32),  # K % 64 != 0, r = 64
     ((17, 70), 40, 70, 16, torch.float16, "fp4", False, True, torch.float16),
+    ((9, 65), 30, 65, 4, torch.float16, "nf4", True, False, torch.float32),  # K odd: rows not byte-aligned
+    ((20, 256), 48, 256, 8, torch.bfloat16, "nf4", True, True, torch.float32),  # K % blocksize == 0
 ]
-IDS = ["m1-bf16-nf4", "m37-fp16-nf4", "3d-bf16-fp4", "r64-bf16-nf4", "m17-fp16-fp4"]
+IDS = ["m1-bf16-nf4", "m37-fp16-nf4", "3d-bf16-fp4", "r64-bf16-nf4", "m17-fp16-fp4", "kodd-fp16-nf4",
+       "kaligned-bf16-nf4"]
 
 
 def _tol(dtype, backend):
@@ -79,7 +82,7 @@ def test_qlora_linear_matches_oracle(backend, case, p):
     _run_and_compare(fn, x, w, a, b, 1.5, bias, p, backend, dtype)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[IDS[1], IDS[3]])
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=[IDS[1], IDS[5]])
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["nodrop", "drop"])
 def test_dequant_path_matches_oracle(monkeypatch, case, p):
     """The large-M path (decode to a buffer, dense GEMM, LoRA epilogue kernel), forced at small shapes."""

@@ -50,6 +50,6 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def rank_block(r: int) -> int:
-    """Rank tile: a power of two of at least 16 (tl.dot on GPU needs dims >= 16), at most 64 per chunk."""
-    return min(64, max(16, next_pow2(r)))
+def rank_block(r: int, cap: int = 64) -> int:
+    """Rank tile: a power of two of at least 16 (tl.dot on GPU needs dims >= 16), at most `cap` per chunk."""
+    return min(cap, max(16, next_pow2(r)))

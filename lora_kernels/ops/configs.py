@@ -11,12 +11,17 @@ import triton
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 GEMM_CONFIGS = [
     (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
+    (128, 64, 64, 8, 3),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
     (16, 64, 128, 4, 4),
     (16, 128, 64, 4, 4),
 ]
+# The backward dropout epilogue keeps a second fp32 accumulator and Philox state per element: tiles with
+# more than this many output elements per thread spill registers there (sm_90 compile, tests/test_gpu_compile.py).
+DROPOUT_MAX_ELEMS_PER_THREAD = 32
+# The GEMM epilogue walks the rank in chunks of at most this: 64-wide chunks spill 64x128 tiles at r = 64.
+GEMM_RANK_BLOCK_MAX = 32
 GROUP_M = 8
 # The interpreter runs tiles in numpy: small tiles keep CPU tests quick and exercise multi-tile loops.
 INTERPRETER_GEMM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
@@ -24,7 +29,7 @@ INTERPRETER_LORA = dict(BLOCK_M=16, BLOCK_K=32)
 # Rank kernels (LoRA down-projection, dA): memory-bound streams over x.
 LORA_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
 # Epilogue-only launch (base GEMM done by cuBLAS): a streaming read-modify-write of the output.
-EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
 SHARED_MEMORY_LIMIT = 227 * 1024  # H100 per-block opt-in maximum
 
 # Where "dequantize into a buffer + cuBLAS + LoRA epilogue" takes over from the one-pass kernel.
@@ -56,17 +61,26 @@ def gemm_configs():
             for bm, bn, bk, w, s in GEMM_CONFIGS]
 
 
+def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, dtype_bytes=2, dropout=False, paired=True, base=2):
+    """Whether a GEMM tile config is a candidate for this launch (the same rules the compile test checks)."""
+    if _smem_estimate(bm, bn, bk, num_stages, 4 if dtype_bytes == 4 else 2) > SHARED_MEMORY_LIMIT:
+        return False
+    if dropout and bm * bn > DROPOUT_MAX_ELEMS_PER_THREAD * 32 * num_warps:
+        return False
+    if base == 2 and not paired and bk > 64:  # the per-element decode of an odd K spills with deep K tiles
+        return False
+    if m <= 16:
+        return bm == 16
+    return not (m > 256 and bm == 16)
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
-    m = named_args["M"]
-    elem = 4 if named_args.get("DTYPE_BYTES", 2) == 4 else 2
-    keep = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if _smem_estimate(bm, bn, bk, c.num_stages, elem) > SHARED_MEMORY_LIMIT:
-            continue
-        if m <= 16 and bm != 16:
-            continue
-        if m > 256 and bm == 16:
-            continue
-        keep.append(c)
-    return keep or configs[:1]
+    args = {**named_args, **kwargs}
+    keep = [c for c in configs
+            if config_allowed(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                              c.num_stages, m=args["M"], dtype_bytes=args.get("DTYPE_BYTES", 2),
+                              dropout=bool(args.get("DROPOUT", False)), paired=bool(args.get("PAIRED", True)),
+                              base=args.get("BASE", 2))]
+    if not keep:
+        raise RuntimeError(f"no GEMM config fits this launch (M={args['M']}); configs.py needs a candidate for it")
+    return keep

@@ -79,7 +79,8 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
     elif _is_4bit(qints):
         q = _quant_from_parts(weight, qmeta, qints)
         launch_fused_linear(x, q.packed, (1, q.shape[1]), BASE_4BIT, out, code=q.code,
-                            scales=block_scales(q).contiguous(), blocksize=q.blocksize, **lora)
+                            scales=block_scales(q).contiguous(), blocksize=q.blocksize, k_w=q.shape[1],
+                            w_trans=True, **lora)
     else:
         launch_fused_linear(x, weight, (weight.stride(1), weight.stride(0)), BASE_DENSE, out, **lora)
     return out, xa
@@ -100,7 +101,8 @@ def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, se
     elif _is_4bit(qints):
         q = _quant_from_parts(weight, qmeta, qints)
         launch_fused_linear(dy, q.packed, (q.shape[1], 1), BASE_4BIT, dx, code=q.code,
-                            scales=block_scales(q).contiguous(), blocksize=q.blocksize, **lora)
+                            scales=block_scales(q).contiguous(), blocksize=q.blocksize, k_w=q.shape[1],
+                            w_trans=False, **lora)
     else:
         launch_fused_linear(dy, weight, (weight.stride(0), weight.stride(1)), BASE_DENSE, dx, **lora)
     return dx

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from . import configs
 from .common import UPCAST_DOT, INTERPRETED, mma, philox_uniform, rank_block
-from .dequant import decode_4bit
+from .dequant import decode_4bit, decode_4bit_rows
 
 BASE_NONE, BASE_DENSE, BASE_4BIT = 0, 1, 2
 
@@ -19,7 +19,7 @@ BASE_NONE, BASE_DENSE, BASE_4BIT = 0, 1, 2
 def _fused_linear_kernel(
     act_ptr, stride_am, stride_ai,  # activations [M, RED]: x (forward) or dy (backward)
     w_ptr, stride_wi, stride_wj,  # Wop[i, j] at i*stride_wi + j*stride_wj (dense: elements; 4-bit: flat index)
-    code_ptr, scale_ptr, BS_SHIFT,  # 4-bit only: 16-entry table, fp32 block scales, log2(blocksize)
+    code_ptr, scale_ptr, K_W,  # 4-bit only: 16-entry table, fp32 block scales, in_features of W
     left_ptr, stride_lm, stride_lr,  # LoRA left factor [M, R]: xa (forward) or dxa (backward)
     right_ptr, stride_rr, stride_rj,  # LoRA right factor [R, OUT]: B^T (forward) or A (backward)
     bias_ptr,
@@ -28,6 +28,7 @@ def _fused_linear_kernel(
     scaling, dropout_p, seed,
     BASE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_IN: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, R_BLOCK: tl.constexpr,
+    BS_SHIFT: tl.constexpr, PAIRED: tl.constexpr, W_TRANS: tl.constexpr, K_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each Wop column tile while it is in L2.
@@ -54,7 +55,15 @@ def _fused_linear_kernel(
                         mask=mask_m[:, None] & mask_i[None, :], other=0.0)
             w_mask = mask_i[:, None] & mask_j[None, :]
             w_off = offs_i[:, None] * stride_wi + offs_j[None, :] * stride_wj
-            if BASE == 2:
+            if BASE == 2 and PAIRED:
+                # K_W even: each byte holds two neighbours along W's rows; decode a [n, k] tile byte by byte.
+                if W_TRANS:  # forward: Wop = W^T, tile rows are n (this program's outputs)
+                    w = tl.trans(decode_4bit_rows(w_ptr, code_ptr, scale_ptr, offs_j, i0, K_W, OUT, a.dtype,
+                                                  BLOCK_K, BS_SHIFT, K_ALIGNED))
+                else:  # backward dx: Wop = W, tile rows are n (the reduction)
+                    w = decode_4bit_rows(w_ptr, code_ptr, scale_ptr, offs_i, pid_n * BLOCK_N, K_W, RED, a.dtype,
+                                         BLOCK_N, BS_SHIFT, K_ALIGNED)
+            elif BASE == 2:
                 w = decode_4bit(w_ptr, code_ptr, scale_ptr, w_off, w_mask, BS_SHIFT).to(a.dtype)
             else:
                 w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
@@ -65,23 +74,39 @@ def _fused_linear_kernel(
     if ACC_IN:
         acc += tl.load(out_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
     if HAS_LORA:
-        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, R_BLOCK):
-            offs_r = r0 + tl.arange(0, R_BLOCK)
-            mask_r = offs_r < R
-            left = tl.load(left_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                           mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            right = tl.load(right_ptr + offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
-                            mask=mask_r[:, None] & mask_j[None, :], other=0.0)
-            low = mma(left, right, low, UPCAST)
         if DROPOUT:
-            # Backward only: drop' applies x's mask, whose (row, col) is this tile's (m, j = k).
+            # Backward only: drop' applies x's mask, whose (row, col) is this tile's (m, j = k), to the LoRA
+            # term alone, so it needs an accumulator of its own (configs.py prunes tiles that would spill).
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, R, R_BLOCK):
+                left, right = _lora_tiles(left_ptr, stride_lm, stride_lr, right_ptr, stride_rr, stride_rj,
+                                          offs_m, offs_j, r0, M, OUT, R, R_BLOCK)
+                low = mma(left, right, low, UPCAST)
             keep = philox_uniform(seed, offs_m[:, None], offs_j[None, :]) >= dropout_p
-            low = tl.where(keep, low / (1.0 - dropout_p), 0.0)
-        acc += scaling * low
+            acc += tl.where(keep, low * (scaling / (1.0 - dropout_p)), 0.0)
+        else:
+            # Scaling folded into the left operand: the LoRA term accumulates straight into acc, which
+            # saves a second BLOCK_M x BLOCK_N fp32 accumulator (and the spills it caused at r = 64).
+            for r0 in range(0, R, R_BLOCK):
+                left, right = _lora_tiles(left_ptr, stride_lm, stride_lr, right_ptr, stride_rr, stride_rj,
+                                          offs_m, offs_j, r0, M, OUT, R, R_BLOCK)
+                left = (left.to(tl.float32) * scaling).to(left.dtype)
+                acc = mma(left, right, acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _lora_tiles(left_ptr, stride_lm, stride_lr, right_ptr, stride_rr, stride_rj, offs_m, offs_j, r0, M, OUT, R,
+                R_BLOCK: tl.constexpr):
+    offs_r = r0 + tl.arange(0, R_BLOCK)
+    mask_r = offs_r < R
+    left = tl.load(left_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                   mask=(offs_m < M)[:, None] & mask_r[None, :], other=0.0)
+    right = tl.load(right_ptr + offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
+                    mask=mask_r[:, None] & (offs_j < OUT)[None, :], other=0.0)
+    return left, right
 
 
 _fused_linear_tuned = triton.autotune(
@@ -160,7 +185,7 @@ def _lora_grad_a_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-def launch_fused_linear(act, w, w_strides, base, out, *, code=None, scales=None, blocksize=0,
+def launch_fused_linear(act, w, w_strides, base, out, *, code=None, scales=None, blocksize=0, k_w=0, w_trans=False,
                         left=None, right=None, right_strides=None, bias=None, acc_in=False,
                         scaling=1.0, dropout_p=0.0, seed=0):
     """out[M, OUT] (+)= act @ Wop + scaling * drop'(left @ right) + bias. `out` is written in place."""
@@ -172,8 +197,7 @@ def launch_fused_linear(act, w, w_strides, base, out, *, code=None, scales=None,
     args = [
         act, act.stride(0), act.stride(1),
         w if w is not None else dummy, w_strides[0], w_strides[1],
-        code if code is not None else dummy, scales if scales is not None else dummy,
-        blocksize.bit_length() - 1 if blocksize else 0,
+        code if code is not None else dummy, scales if scales is not None else dummy, k_w,
         left if has_lora else dummy, left.stride(0) if has_lora else 0, left.stride(1) if has_lora else 0,
         right if has_lora else dummy, right_strides[0] if has_lora else 0, right_strides[1] if has_lora else 0,
         bias if bias is not None else dummy,
@@ -182,7 +206,9 @@ def launch_fused_linear(act, w, w_strides, base, out, *, code=None, scales=None,
         float(scaling), float(dropout_p), int(seed),
     ]
     flags = dict(BASE=base, HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACC_IN=acc_in,
-                 DROPOUT=dropout_p > 0.0, UPCAST=UPCAST_DOT, R_BLOCK=rank_block(r))
+                 DROPOUT=dropout_p > 0.0, UPCAST=UPCAST_DOT, R_BLOCK=rank_block(r, configs.GEMM_RANK_BLOCK_MAX),
+                 BS_SHIFT=blocksize.bit_length() - 1 if blocksize else 0, PAIRED=base == BASE_4BIT and k_w % 2 == 0,
+                 W_TRANS=w_trans, K_ALIGNED=bool(blocksize) and k_w % blocksize == 0)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
@@ -196,7 +222,7 @@ def launch_fused_linear(act, w, w_strides, base, out, *, code=None, scales=None,
     return out
 
 
-def _lora_tiles():
+def _rank_kernel_tiles():
     if INTERPRETED:
         return dict(configs.INTERPRETER_LORA)
     return dict(configs.LORA_CONFIG)
@@ -207,7 +233,7 @@ def launch_lora_down(x, a, dropout_p, seed):
     m, k = x.shape
     r = a.shape[0]
     out = torch.empty((m, r), dtype=x.dtype, device=x.device)
-    tiles = _lora_tiles()
+    tiles = _rank_kernel_tiles()
     rb = rank_block(r)
     grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(r, rb))
     _lora_down_kernel[grid](x, x.stride(0), x.stride(1), a, a.stride(0), a.stride(1), out, out.stride(0),
@@ -220,7 +246,7 @@ def launch_lora_grad_a(dxa, x, dropout_p, seed):
     """fp32 [R, K] = dxa^T @ drop(x), split over M so that enough programs run."""
     m, k = x.shape
     r = dxa.shape[1]
-    tiles = _lora_tiles()
+    tiles = _rank_kernel_tiles()
     rb = rank_block(r)
     programs = triton.cdiv(k, tiles["BLOCK_K"]) * triton.cdiv(r, rb)
     split = 1 if INTERPRETED else max(1, min(triton.cdiv(m, 4 * tiles["BLOCK_M"]), triton.cdiv(264, programs)))
