@@ -258,3 +258,11 @@ def test_backend_setting_errors(monkeypatch, q4):
     monkeypatch.setenv("LORA_KERNELS_PATH", "fastest")
     with pytest.raises(ValueError, match="LORA_KERNELS_PATH='fastest'"):
         lk.qlora_linear(x, packed, state, a, b, 1.0)
+
+
+def test_int32_extent_is_refused_not_wrapped(monkeypatch):
+    from lora_kernels.ops.fused_linear import _check_int32_extent
+
+    _check_int32_extent(8192, 4096, 14336)  # real shapes pass
+    with pytest.raises(ValueError, match="exceeds the Triton kernels' int32 indexing"):
+        _check_int32_extent(2**18, 4096, 14336)

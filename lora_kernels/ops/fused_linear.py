@@ -59,11 +59,19 @@ def _seed_of(seed: torch.Tensor, dropout_p: float) -> Optional[int]:
 
 # ------------------------------------------------------------------------------------------ triton path
 
+def _check_int32_extent(m, n, k):
+    # The kernels index activations with int32 offsets; larger tensors would wrap around silently.
+    if m * max(n, k) >= 2**31:
+        raise ValueError(f"{m} rows x {max(n, k)} features exceeds the Triton kernels' int32 indexing; "
+                         "split the batch into smaller micro-batches")
+
+
 def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
     from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear, launch_lora_down
 
     m = x.shape[0]
     n = qints[0]
+    _check_int32_extent(m, n, qints[1])
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     xa = b = None
     if lora_A is not None:
