@@ -169,6 +169,24 @@ def test_dense_fp32_is_tight(model_dir):
     assert max(rel_err(got[2][n], stock[2][n]) for n in stock[2]) < 1e-4
 
 
+def test_fsdp_quant_storage_layers(model_dir, backend):
+    """Layer by layer, both backends: a bf16 quant_storage weight gives the uint8 weight's output and gradients."""
+    plain, fsdp = load_peft(model_dir), load_peft(model_dir, quant_storage=torch.bfloat16)
+    lk.patch_peft_model(plain)
+    lk.patch_peft_model(fsdp)
+    for attr in ("self_attn.q_proj", "mlp.down_proj"):
+        layers = [m.get_submodule(f"base_model.model.model.layers.1.{attr}") for m in (plain, fsdp)]
+        assert layers[1].base_layer.weight.dtype == torch.bfloat16
+        x = torch.randn(2, 5, layers[0].in_features, generator=torch.Generator().manual_seed(5))
+        outs = []
+        for layer in layers:
+            xi = x.to(torch.bfloat16).requires_grad_()
+            y = layer(xi)
+            y.float().square().sum().backward()
+            outs.append((y, xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
+        assert all(torch.equal(a, b) for a, b in zip(*outs)), attr
+
+
 def test_fsdp_quant_storage_reads_the_same_weights(model_dir):
     """bnb_4bit_quant_storage=torch.bfloat16 (the FSDP layout) holds the same bytes: identical results."""
     ids = token_batch(4)
