@@ -191,7 +191,7 @@ def _load_base_quietly(src, device, load_in_4bit, seed, tmp_dir, dtype):
     from .demo import build_llama, load_4bit
 
     if src.model_dir is None and not load_in_4bit:
-        return build_llama(src.config, seed=seed).to(device)
+        return build_llama(src.config, seed=seed, dtype=dtype).to(device)
     model_dir = src.model_dir or tmp_dir
     try:
         if load_in_4bit:
