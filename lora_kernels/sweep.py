@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from .errors import CLIError
@@ -165,8 +166,10 @@ def _model_source(model) -> _ModelSource:
         raise FileNotFoundError(f"MODEL {path}: no such file or directory (a local model directory, or "
                                 f"'{rank.BUILTIN}')")
     if not os.path.isdir(path):
+        hint = (f"; to sweep the built-in model on this data: lora-kernels sweep {rank.BUILTIN} {path}"
+                if path.lower().endswith((".txt", ".jsonl", ".ndjson")) else "")
         raise ValueError(f"MODEL {path} is a file; sweep trains the model, so give its directory "
-                         "(config.json and weights)")
+                         f"(config.json and weights){hint}")
     cfg = rank.load_config(path)
     if not any(f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(path)):
         raise ValueError(f"MODEL {path} has a config but no weights (*.safetensors or *.bin)")
@@ -428,7 +431,9 @@ def run_sweep(model=None, data=None, ranks=DEFAULT_RANKS, *, targets="all-linear
             torch.manual_seed(seed)
             cfg = LoraConfig(r=r, lora_alpha=a, target_modules=list(target_names), lora_dropout=dropout,
                              use_rslora=rslora, bias="none", task_type="CAUSAL_LM")
-            model_ = get_peft_model(base, cfg)
+            with warnings.catch_warnings():  # transformers 5 deprecation noise from inside PEFT
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                model_ = get_peft_model(base, cfg)
             trainable, total = model_.get_nb_trainable_parameters()
             report, backend = _patch(model_, patch, device)
             if i == 0:
@@ -516,15 +521,13 @@ def run_sweep(model=None, data=None, ranks=DEFAULT_RANKS, *, targets="all-linear
 def plot_sweep(results, best_r, path, settings, log=print) -> str | None:
     """Eval and train loss vs r, trainable parameters vs r, tokens/s vs r and the eval curves, as a PNG."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend and figures alone
     except ImportError:
         log("sweep: matplotlib is not installed, so no plot (pip install 'lora-kernels[plot]'); the CSV has it all")
         return None
     rs = [x.r for x in results]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig = Figure(figsize=(11, 8))
+    axes = fig.subplots(2, 2)
     ax = axes[0][0]
     ax.plot(rs, [x.eval_loss for x in results], "o-", label="eval loss")
     ax.plot(rs, [x.train_loss for x in results], "s--", label="train loss")
@@ -560,7 +563,6 @@ def plot_sweep(results, best_r, path, settings, log=print) -> str | None:
                  f"{settings['device']}; {settings['backend']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

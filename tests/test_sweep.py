@@ -204,6 +204,7 @@ def test_sweep_cli_errors(main, capsys, tmp_path, tiny_model_dir):
     assert "is a directory" in _error(main, capsys, ["sweep", "builtin", str(tmp_path)] + out)
     assert "positive integer, got 0" in _error(main, capsys, ["sweep", "--ranks", "4", "0"] + out)
     assert "no such file or directory" in _error(main, capsys, ["sweep", str(tmp_path / "nomodel")] + out)
+    assert "lora-kernels sweep builtin" in _error(main, capsys, ["sweep", str(empty)] + out)
     cfg_only = tmp_path / "cfg_only"
     cfg_only.mkdir()
     (cfg_only / "config.json").write_text(json.dumps({"model_type": "llama"}))
