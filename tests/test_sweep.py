@@ -215,3 +215,26 @@ def test_sweep_cli_errors(main, capsys, tmp_path, tiny_model_dir):
     short.write_text("too short")
     assert "too few for seq_len 64" in _error(main, capsys, ["sweep", "builtin", str(short)] + out)
     assert not (tmp_path / "o" / "sweep.csv").exists()
+
+
+def test_sweep_uses_the_model_dirs_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    from lora_kernels.demo import BUILTIN_CORPUS, llama_config, save_tiny_llama
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator([BUILTIN_CORPUS], tokenizers.trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    model_dir = tmp_path / "m"
+    save_tiny_llama(model_dir, llama_config(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                            intermediate_size=48))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
+    data = tmp_path / "d.txt"
+    data.write_text(BUILTIN_CORPUS * 2)
+    ids, name = sweep.tokenize(data.read_text(), str(model_dir), 256)
+    assert "from" in name and name != "bytes" and ids.numel() < len(BUILTIN_CORPUS.encode()) and int(ids.max()) < 200
+    lines = []
+    res = sweep.run_sweep(str(model_dir), data, ranks=(2,), out_dir=tmp_path / "o", device="cpu", plot=False,
+                          **{**TINY, "log": lines.append})
+    assert res.results[0].eval_loss > 0 and "bytes" not in lines[0] and str(model_dir) in lines[0]
