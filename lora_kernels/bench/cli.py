@@ -62,7 +62,7 @@ def add_arguments(parser) -> None:
     o.add_argument("--list", action="store_true", help="list presets, shapes and providers, then exit")
     tm = parser.add_argument_group("timing")
     tm.add_argument("--time-limit", type=float, default=None, metavar="S",
-                    help="start no new case after S seconds (quick preset: 560); the rest is reported as skipped")
+                    help="start no new case after S seconds (quick preset: 480); the rest is reported as skipped")
     tm.add_argument("--rep-ms", type=float, default=None, help="CUDA: timed milliseconds per case (default 100)")
     tm.add_argument("--warmup-ms", type=float, default=None, help="CUDA: warm-up milliseconds per case (default 25)")
     tm.add_argument("--reps", type=int, default=None, help="CPU: timed calls per case (default 3)")
@@ -220,7 +220,7 @@ def run(args) -> int:
           + (f", time limit {spec.time_limit_s:g} s" if spec.time_limit_s else ""), flush=True)
     if not spec.on_cuda:
         print(CPU_NOTE, flush=True)
-    res = run_bench(spec, csv_path=csv_path, progress=not args.quiet and sys.stderr is not None)
+    res = run_bench(spec, csv_path=csv_path, progress=not args.quiet)
     print()
     print(speedup_table(res.rows))
     print()

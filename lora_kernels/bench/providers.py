@@ -38,6 +38,7 @@ class Case:
     label: str
     grad_to_none: list = field(default_factory=list)
     env: dict = field(default_factory=dict)
+    raw: object = None  # the provider's y = layer(x), before the forward-only / forward+backward wrapper
 
     @contextlib.contextmanager
     def environment(self):
@@ -156,6 +157,7 @@ def build_case(provider, mode, n, k, m, r, *, x, dy, device, dtype="bf16", alpha
     tdtype = torch_dtype(dtype)
     scaling = alpha / r if r else 0.0
     case = builder(n=n, k=k, r=r, device=device, dtype=tdtype, scaling=scaling, alpha=alpha, train=train, x=x)
+    case.raw = case.fn
     grads = [x] if train else []
     if train:
         grads += [t for t in case.grad_to_none if t is not x]
