@@ -12,6 +12,9 @@ if SIZE not in ("smoke", "full"):
 if SIZE == "full" and not HAS_CUDA:
     raise pytest.UsageError("LK_BENCH_SIZE=full needs a CUDA device (Llama-3-8B shapes); use smoke on CPU")
 
+if not HAS_CUDA:
+    torch.set_num_threads(1)  # CPU smoke: stable on a busy 2-core CI box (oversubscribed OpenMP stalls at random)
+
 ROWS = []  # rows for --lk-csv, appended at the end of the session
 
 

@@ -62,7 +62,7 @@ def add_arguments(parser) -> None:
     o.add_argument("--list", action="store_true", help="list presets, shapes and providers, then exit")
     tm = parser.add_argument_group("timing")
     tm.add_argument("--time-limit", type=float, default=None, metavar="S",
-                    help="start no new case after S seconds (quick preset: 480); the rest is reported as skipped")
+                    help="start no new case after S seconds (quick preset: 480, smoke: 45, full: none; 0: no limit); the rest is reported as skipped")
     tm.add_argument("--rep-ms", type=float, default=None, help="CUDA: timed milliseconds per case (default 100)")
     tm.add_argument("--warmup-ms", type=float, default=None, help="CUDA: warm-up milliseconds per case (default 25)")
     tm.add_argument("--reps", type=int, default=None, help="CPU: timed calls per case (default 3)")
@@ -129,7 +129,9 @@ def build_spec(args):
             raise CLIError(f"--reps must be at least 1, got {args.reps}")
         changes["cpu_reps"] = args.reps
     if args.time_limit is not None:
-        changes["time_limit_s"] = args.time_limit
+        if args.time_limit < 0:
+            raise CLIError(f"--time-limit must be at least 0 (0: no limit), got {args.time_limit:g}")
+        changes["time_limit_s"] = args.time_limit or None
     for name in ("rep_ms", "warmup_ms"):
         if changes.get(name, 1) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive")

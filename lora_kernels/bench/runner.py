@@ -140,17 +140,29 @@ def _measure_train(task, spec, log):
 
 def run_bench(spec: BenchSpec, *, csv_path=None, progress=True, log=print) -> BenchResult:
     """Runs the sweep `spec` describes; appends rows to `csv_path` (None: no file) as they are measured."""
-    import warnings
-
     import torch
-
-    from .timing import free_memory
 
     spec.validate()
     if spec.on_cuda:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
         torch.cuda.set_device(torch.device(spec.device))
+    threads = torch.get_num_threads()
+    if not spec.on_cuda:
+        # One thread: a CPU run checks the harness, and oversubscribed OpenMP threads on a busy machine make small
+        # ops 10-100x slower at random, which would break the smoke preset's time bound.
+        torch.set_num_threads(1)
+    try:
+        return _run(spec, csv_path, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(spec, csv_path, progress, log):
+    import warnings
+
+    from .timing import free_memory
+
     env = results.environment(spec.device)
     res = BenchResult(csv_path=csv_path, env=env)
     if csv_path is not None:
