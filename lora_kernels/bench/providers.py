@@ -74,12 +74,14 @@ def make_weight(n, k, device, dtype, seed=0):
     return w.div_(math.sqrt(k)).to(dtype)
 
 
-def make_inputs(m, n, k, device, dtype, seed=1):
-    """x [m, k] and dy [m, n] (the upstream gradient for layer_fwd_bwd)."""
+def make_inputs(m, n, k, device, dtype, seed=1, with_dy=True):
+    """x [m, k] and dy [m, n] (the upstream gradient for layer_fwd_bwd; None if not with_dy)."""
     import torch
 
     gen = _generator(device, seed)
     x = torch.randn(m, k, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    if not with_dy:
+        return x, None
     dy = torch.randn(m, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
     return x, dy
 

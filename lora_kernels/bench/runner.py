@@ -8,6 +8,7 @@ left are listed as skipped for that reason.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -97,7 +98,8 @@ class _Inputs:
         key = (task.mode, task.n, task.k, task.m)
         if key != self.key:
             self.x = self.dy = None
-            self.x, self.dy = make_inputs(task.m, task.n, task.k, self.spec.device, torch_dtype(self.spec.dtype))
+            self.x, self.dy = make_inputs(task.m, task.n, task.k, self.spec.device, torch_dtype(self.spec.dtype),
+                                          with_dy=task.mode == "layer_fwd_bwd")
             if task.mode == "layer_fwd_bwd":
                 self.x.requires_grad_(True)
             self.key = key
@@ -173,8 +175,10 @@ def _run(spec, csv_path, progress, log):
 
     from tqdm.auto import tqdm
 
+    # Not a terminal (a log file, a remote job): redraw rarely, so the log keeps the tables, not the bar.
+    interactive = bool(getattr(sys.stderr, "isatty", lambda: False)())
     bar = tqdm(tasks, total=len(tasks), unit="case", disable=not progress, dynamic_ncols=True,
-               desc="lora-kernels bench")
+               desc="lora-kernels bench", mininterval=0.1 if interactive else 30.0)
     say = (lambda msg: tqdm.write(msg)) if progress else log
     left = []
     try:
