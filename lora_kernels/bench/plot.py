@@ -38,6 +38,7 @@ def plot_rows(rows, path: str) -> str:
     """Draws the PNG at `path` from benchmark rows; returns the path."""
     try:
         from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend and figures alone
+        from matplotlib.ticker import EngFormatter
     except ImportError:
         raise CLIError("--plot needs matplotlib (pip install 'lora-kernels[plot]')") from None
     rows, _ = select_gpu(rows)
@@ -81,6 +82,7 @@ def plot_rows(rows, path: str) -> str:
             ax.set_xticklabels([str(r) for r in ranks])
             ax.set_xlabel("r")
             ax.set_ylabel("tokens/s")
+            ax.yaxis.set_major_formatter(EngFormatter())
             ax.set_ylim(bottom=0)
             ax.set_title(f"{bench} {n}x{k}, M={m_max}: throughput vs r", fontsize=9)
             ax.legend(fontsize=7)
@@ -94,14 +96,13 @@ def plot_rows(rows, path: str) -> str:
                     ours = by.get((OURS, m, n, k, rr))
                     theirs = by.get((b, m, n, k, 0 if b == "cublas_bf16" else rr))
                     if ours and theirs:
-                        xy.append((m, theirs / ours))
+                        xy.append((ms_values.index(m), theirs / ours))
                 if xy:
                     style = dict(_STYLE[b])
                     style.setdefault("marker", "o")
                     ax.plot([m for m, _ in xy], [v for _, v in xy], label=f"vs {labels.get(b, b)}", **style)
             ax.axhline(1.0, color="grey", linewidth=1)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ms_values)
+            ax.set_xticks(range(len(ms_values)))
             ax.set_xticklabels([str(m) for m in ms_values])
             ax.set_xlabel("M (rows of x)")
             ax.set_ylabel(f"speedup of {labels.get(OURS, OURS)}")
@@ -123,6 +124,7 @@ def plot_rows(rows, path: str) -> str:
                 ax_m.plot([pos[r["r"]] for r in mem], [r["peak_mem_mb"] / 1024 for r in mem], label=pts[0]["provider"],
                           **_STYLE.get(p, {}))
         first = train[0]
+        ax_t.yaxis.set_major_formatter(EngFormatter())
         for ax, what in ((ax_t, "tokens/s"), (ax_m, "peak memory, GiB")):
             ax.set_xticks(range(len(ranks)))
             ax.set_xticklabels([str(r) for r in ranks])
@@ -139,11 +141,11 @@ def plot_rows(rows, path: str) -> str:
             axes[-1][si].set_visible(False)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    title = "lora-kernels bench: " + header(rows).replace("\n", " ")
+    title = "lora-kernels bench\n" + header(rows).replace("; ", "\n", 1)
     if all(r["gpu"] == "cpu" for r in rows):
         title += "\nCPU run: reference PyTorch code, not kernel figures"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.4 * nrows + 0.8)))
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 * title.count("\n") + 0.4) / (3.4 * nrows + 0.8)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
