@@ -229,3 +229,73 @@ def test_foreign_csv_is_refused(tmp_path, capsys):
     assert rc == 2 and "expected bench,provider" in err and len(err.strip().splitlines()) == 1
     rc, _, err = _bench(capsys, "--from-csv", str(bad))
     assert rc == 2 and "not a lora-kernels bench CSV" in err
+
+
+class _FakeEvent:
+    """A CUDA event stand-in on CPU: record() takes the time, elapsed_time() gives ms, as CUDA's does."""
+    log = None
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t = None
+
+    def record(self):
+        import time as _time
+
+        self.t = _time.perf_counter()
+        _FakeEvent.log.append("event")
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_cuda_timing_protocol_with_a_fake_device(monkeypatch):
+    """The CUDA path's logic on CPU: an untimed first call, a peak-memory call with the peak counter reset, the flush
+    before every timed call (never inside the timed region), gradients reset before every call, and only the timed
+    runs in the statistics."""
+    import torch
+
+    log = []
+    _FakeEvent.log = log
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: log.append("reset_peak"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    real_empty = torch.empty
+
+    class _Flush:
+        def zero_(self):
+            log.append("flush")
+
+    def fake_empty(*size, dtype=None, device=None, **kw):
+        if size and size[0] == timing.FLUSH_BYTES:
+            log.append("alloc_flush")
+            return _Flush()
+        return real_empty(*size, dtype=dtype, device=device, **kw)
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    x = torch.ones(2, requires_grad=True)
+
+    def fn():
+        assert x.grad is None
+        (x * 3).sum().backward()
+        log.append("call")
+
+    t = timing._time_cuda(fn, torch.device("cpu"), [x], warmup_ms=0.0, rep_ms=0.0, min_reps=7, max_reps=100)
+    assert t.reps == 7 and t.peak_mem_mb == 3.0 and 0 < t.p20 <= t.p50 <= t.p80
+    assert x.grad is None
+    calls = [i for i, e in enumerate(log) if e == "call"]
+    assert len(calls) == 1 + 1 + 5 + 1 + 7  # first, peak memory, estimate, one warm-up, timed
+    assert log.index("reset_peak") < calls[1] and log.index("alloc_flush") > calls[1]  # flush not in peak memory
+    timed = calls[-7:]
+    for i in timed:
+        assert log[i - 2:i + 2] == ["flush", "event", "call", "event"]  # flush outside the timed region
+    assert log[-1] == "sync"
+
+
+def test_commit_stamp(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_COMMIT", "0123456789ab")
+    assert results.environment("cpu")["commit"] == "0123456789ab"
+    monkeypatch.delenv("LORA_KERNELS_COMMIT")
+    commit = results.git_commit()
+    assert commit.startswith("v") or len(commit.split("+")[0]) == 12

@@ -43,9 +43,13 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    """The package's git commit (12 hex digits, '+dirty' when lora_kernels/ has uncommitted changes), or the
-    package version when it is not a git checkout."""
+    """$LORA_KERNELS_COMMIT if set (for copies of the tree without .git, e.g. on a remote GPU machine); else the
+    package's git commit (12 hex digits, '+dirty' when lora_kernels/ has uncommitted changes); else the version."""
     from .. import __version__
+
+    forced = os.environ.get("LORA_KERNELS_COMMIT", "").strip()
+    if forced:
+        return forced
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
