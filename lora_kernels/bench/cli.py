@@ -217,8 +217,9 @@ def run(args) -> int:
     from .report import speedup_table
     from .runner import CPU_NOTE, plan, run_bench
 
-    n_cases = len(plan(spec))
-    print(f"lora-kernels bench: preset {spec.preset}, {n_cases} cases on {spec.device}"
+    tasks = plan(spec)
+    per_mode = ", ".join(f"{m} {sum(t.mode == m for t in tasks)}" for m in spec.modes)
+    print(f"lora-kernels bench: preset {spec.preset}, {len(tasks)} cases ({per_mode}) on {spec.device}"
           + (f", time limit {spec.time_limit_s:g} s" if spec.time_limit_s else ""), flush=True)
     if not spec.on_cuda:
         print(CPU_NOTE, flush=True)
