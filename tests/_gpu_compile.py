@@ -1,0 +1,300 @@
+"""Compile the package's Triton kernels for sm_90 / sm_80 on a CPU machine (helper of test_gpu_compile.py).
+
+`cases()` lists every (kernel, launch mode, dtype, autotune config, arch) the package can launch: pure data,
+importing no kernel. `python tests/_gpu_compile.py CASE_ID...` (or `-` and a JSON list on stdin; nothing:
+all cases) compiles the cases with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) in a
+pool of worker processes (GPU_COMPILE_WORKERS, default 2) and prints one JSON line per case: metadata.shared,
+ptxas -v's spill stores/loads, registers and stack/local bytes from the bundled cuobjdump
+(--dump-resource-usage), and the tensor-core instruction counts of its SASS (--dump-sass).
+
+It must run where TRITON_INTERPRET is unset, so that triton.jit hands back real JITFunctions; the test
+starts it as a subprocess with a clean environment and a fresh TRITON_CACHE_DIR.
+
+Arguments are specialized the way triton 3.9's launcher specializes a realistic launch: pointers aligned
+to 16 bytes get tt.divisibility=16, an int equal to 1 becomes a constexpr 1, an int divisible by 16 gets
+tt.divisibility=16, other ints are plain i32, floats fp32 (never specialized).
+"""
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lora_kernels.ops import configs  # noqa: E402  (data only: no kernel is defined there)
+
+# Per-block opt-in shared memory maxima: H100 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
+ARCHS = {90: 227 * 1024, 80: 163 * 1024}
+DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+BASE_NONE, BASE_DENSE, BASE_4BIT = 0, 1, 2  # fused_linear_kernels.BASE_*, not imported (that defines kernels)
+
+# A realistic launch: a Llama-sized square projection, blocksize 64, LoRA rank 64 (GEMM epilogue chunk
+# R_BLOCK = configs.GEMM_RANK_BLOCK_MAX), dropout seeds that are neither 1 nor a multiple of 16.
+N = K = 4096
+K_ODD = 4095
+R = 64
+SEED = 12347
+BLOCKSIZE = 64
+
+
+class Ptr:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+def _rank_block(r, cap):
+    """common.rank_block, which this module does not import (common.py defines jit functions)."""
+    return min(cap, max(16, 1 << max(0, r - 1).bit_length()))
+
+
+def _gemm_args(mode, base, dt, m):
+    """Positional args of _fused_linear_kernel as launch_fused_linear passes them, and its flags."""
+    fwd = mode.startswith("fwd")
+    odd = "oddK" in mode
+    k = K_ODD if odd else K
+    dropout = mode == "bwd"
+    red, n_out = (k, N) if fwd else (N, k)
+    if base == BASE_4BIT:
+        w, w_strides, code, scales, k_w = Ptr("u8"), ((1, k) if fwd else (k, 1)), Ptr("fp32"), Ptr("fp32"), k
+    elif base == BASE_DENSE:  # weight [N, K] contiguous
+        w, w_strides, code, scales, k_w = Ptr(dt), ((1, k) if fwd else (k, 1)), Ptr(dt), Ptr(dt), 0
+    else:  # epilogue only: w, code, scales are the output as dummies
+        w, w_strides, code, scales, k_w = Ptr(dt), (0, 0), Ptr(dt), Ptr(dt), 0
+    right_strides = (1, R) if fwd else (k, 1)  # B^T of B [N, R] / A [R, K]
+    has_bias = fwd
+    args = [
+        Ptr(dt), red, 1,
+        w, *w_strides,
+        code, scales, k_w,
+        Ptr(dt), R, 1,
+        Ptr(dt), *right_strides,
+        Ptr(dt),
+        Ptr(dt), n_out, 1,
+        m, n_out, red, R, configs.m_bucket(m), DTYPES[dt],
+        0.25, 0.1 if dropout else 0.0, SEED if dropout else 0,
+    ]
+    flags = dict(BASE=base, HAS_LORA=True, HAS_BIAS=has_bias, ACC_IN=base == BASE_NONE, DROPOUT=dropout,
+                 UPCAST=False, R_BLOCK=_rank_block(R, configs.GEMM_RANK_BLOCK_MAX),
+                 BS_SHIFT=BLOCKSIZE.bit_length() - 1 if base == BASE_4BIT else 0,
+                 PAIRED=base == BASE_4BIT and k % 2 == 0, W_TRANS=fwd and base == BASE_4BIT,
+                 K_ALIGNED=base == BASE_4BIT and k % BLOCKSIZE == 0)
+    return args, flags
+
+
+# (mode, BASE): fwd = y = x W^T + s (xa) B^T + bias; fwd-M1 = the same at M = 1 (decode: M and M_BUCKET are
+# specialized to constexpr 1, only BLOCK_M = 16 configs; bf16/fp16 only); bwd = dx = dy W + s drop'(dxa A), dropout on;
+# bwd-nodrop = the same without dropout; fwd-oddK = odd in_features (per-element 4-bit decode);
+# epi-* = the BASE=0 epilogue after cuBLAS on the dequant path (ACC_IN).
+GEMM_MODES = [
+    ("fwd", BASE_DENSE), ("fwd-M1", BASE_DENSE), ("bwd", BASE_DENSE), ("bwd-nodrop", BASE_DENSE),
+    ("fwd", BASE_4BIT), ("fwd-M1", BASE_4BIT), ("bwd", BASE_4BIT), ("bwd-nodrop", BASE_4BIT), ("fwd-oddK", BASE_4BIT),
+]
+EPILOGUE_MODES = ["epi-fwd", "epi-bwd"]
+
+
+def _config_str(d, warps, stages):
+    return "x".join(str(d[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in d) + f" w{warps} s{stages}"
+
+
+def cases():
+    out = []
+
+    def add(kernel, mode, dt, cfg, arch, args, constexprs, warps, stages, tc):
+        out.append(dict(id=f"{kernel}-{mode}-{dt}-{cfg}-sm{arch}".replace(" ", "-"), kernel=kernel, mode=mode,
+                        dtype=dt, config=cfg, arch=arch, args=_encode(args), constexprs=constexprs,
+                        num_warps=warps, num_stages=stages, tensor_core=tc))
+
+    for arch in ARCHS:
+        for dt in DTYPES:
+            def tc(block_m):
+                """Tensor-core instructions the SASS must hold: Hopper's HGMMA (warpgroup MMA, needs 64 rows)
+                or at least HMMA on sm_90, HMMA on sm_80. fp32 operands take exact (ieee) products by design
+                (common.mma): "none", no tensor-core instruction at all."""
+                if dt == "fp32":
+                    return "none"
+                if arch >= 90:
+                    return "HGMMA" if block_m >= 64 else "any"
+                return "HMMA"
+
+            for mode, base in GEMM_MODES:
+                if mode == "fwd-M1" and dt == "fp32":
+                    continue
+                name = "fused_linear/" + ("dense" if base == BASE_DENSE else "4bit")
+                for bm, bn, bk, w, s in configs.GEMM_CONFIGS:
+                    m = 1 if mode == "fwd-M1" else 16 if bm == 16 else 512
+                    args, flags = _gemm_args(mode, base, dt, m)
+                    # The autotuner's pruning, over every M bucket: a config is compiled when some M uses it.
+                    if not any(configs.config_allowed(bm, bn, bk, w, s, m=mm, dtype_bytes=DTYPES[dt],
+                                                      dropout=flags["DROPOUT"], paired=flags["PAIRED"], base=base)
+                               for mm in ((1,) if m == 1 else (1, 16, 256, 512, 8192))):
+                        continue
+                    tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=configs.GROUP_M)
+                    add(name, mode, dt, _config_str(tile, w, s), arch, args, {**flags, **tile}, w, s, tc(bm))
+            e = dict(configs.EPILOGUE_CONFIG)
+            w, s = e.pop("num_warps"), e.pop("num_stages")
+            for mode in EPILOGUE_MODES:
+                args, flags = _gemm_args(mode[4:], BASE_NONE, dt, 512)
+                add("fused_linear/epilogue", mode, dt, _config_str(e, w, s), arch, args, {**flags, **e}, w, s,
+                    tc(e["BLOCK_M"]))
+            lc = dict(configs.LORA_CONFIG)
+            w, s = lc.pop("num_warps"), lc.pop("num_stages")
+            for r in (16, 64):  # R_BLOCK = rank_block(r): 16 and 64
+                rb = _rank_block(r, 64)
+                for dropout in (False, True):
+                    mode = f"R_BLOCK={rb}" + (" drop" if dropout else "")
+                    p, seed = (0.1, SEED) if dropout else (0.0, 0)
+                    flags = dict(DROPOUT=dropout, UPCAST=False, R_BLOCK=rb, **lc)
+                    rank_tc = "none" if dt == "fp32" else "any" if arch >= 90 else "HMMA"
+                    down = [Ptr(dt), K, 1, Ptr(dt), K, 1, Ptr(dt), r, 1, 4096, K, r, p, seed]
+                    add("lora_down", mode, dt, _config_str(lc, w, s), arch, down, flags, w, s, rank_tc)
+                    grad_a = [Ptr(dt), r, 1, Ptr(dt), K, 1, Ptr("fp32"), 4096, K, r, 1024, p, seed]
+                    add("lora_grad_a", mode, dt, _config_str(lc, w, s), arch, grad_a, flags, w, s, rank_tc)
+            deq = [Ptr("u8"), Ptr("fp32"), Ptr("fp32"), Ptr(dt), N * K, BLOCKSIZE.bit_length() - 1]
+            add("dequantize_4bit", "BLOCK=1024", dt, "1024 w4 s3", arch, deq, dict(BLOCK=1024), 4, 3, None)
+    return out
+
+
+def _encode(args):
+    return [["ptr", a.dtype] if isinstance(a, Ptr) else a for a in args]
+
+
+def specialize(fn, args, constexprs):
+    """signature / constexprs / attrs for ASTSource, as triton's launcher derives them from these values."""
+    names = fn.arg_names
+    runtime = [n for n in names if n not in constexprs]
+    if len(runtime) != len(args):
+        raise ValueError(f"{fn.__name__}: {len(args)} args for {len(runtime)} runtime parameters {runtime}")
+    signature, consts, attrs = {}, dict(constexprs), {}
+    div16 = [["tt.divisibility", 16]]
+    for name, a in zip(runtime, args):
+        idx = (names.index(name),)
+        if isinstance(a, list):  # pointer, 16-byte aligned
+            signature[name] = "*" + a[1]
+            attrs[idx] = div16
+        elif isinstance(a, bool):
+            signature[name] = "u1"
+        elif isinstance(a, int):
+            if a == 1:
+                signature[name] = "constexpr"
+                consts[name] = 1
+                continue
+            signature[name] = "i32" if -2**31 <= a < 2**31 else "i64"
+            if a % 16 == 0:
+                attrs[idx] = div16
+        elif isinstance(a, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: {a!r}")
+    for name in constexprs:
+        signature[name] = "constexpr"
+    signature = {n: signature[n] for n in names}  # in parameter order
+    return signature, consts, attrs
+
+
+def _kernel(name):
+    from lora_kernels.ops import dequant, fused_linear_kernels as flk
+
+    fn = {"lora_down": flk._lora_down_kernel, "lora_grad_a": flk._lora_grad_a_kernel,
+          "dequantize_4bit": dequant._dequantize_4bit_kernel}.get(name, flk._fused_linear_kernel)
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction) and isinstance(getattr(fn, "fn", None), (JITFunction,)):
+        fn = fn.fn  # an Autotuner (or heuristics) wraps the JITFunction
+
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(f"{name} is a {type(fn).__name__}, not a JITFunction: is TRITON_INTERPRET set?")
+    return fn
+
+
+TOOLS = Path(__import__("importlib.util").util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"
+SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def _cuobjdump(flag, cubin_path):
+    return subprocess.run([str(TOOLS / "cuobjdump"), flag, cubin_path], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def compile_case(case):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from triton import knobs
+
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    res = dict(id=case["id"], ok=False, error=None)
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        fn = _kernel(case["kernel"])
+        sig, consts, attrs = specialize(fn, case["args"], case["constexprs"])
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        with contextlib.redirect_stdout(log):  # triton prints ptxas -v's log there
+            k = triton.compile(src, target=GPUTarget("cuda", case["arch"], 32),
+                               options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
+    except Exception as e:  # noqa: BLE001  the failure is the result
+        msg = f"{type(e).__name__}: {e}"
+        res["error"] = msg[:2000]
+        return res
+    res["shared"] = int(k.metadata.shared)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    try:
+        usage = RES_RE.search(_cuobjdump("--dump-resource-usage", f.name))
+        sass = _cuobjdump("--dump-sass", f.name)
+    finally:
+        os.remove(f.name)
+    if usage is None:
+        res["error"] = "no REG/STACK/LOCAL line in cuobjdump --dump-resource-usage"
+        return res
+    res["regs"], res["stack"], res["cubin_shared"], res["local"] = map(int, usage.groups())
+    ops = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass, re.M)
+    spill = SPILL_RE.search(log.getvalue())
+    if spill is None:
+        res["error"] = "no spill line in ptxas -v's log (TRITON_DUMP_PTXAS_LOG)"
+        return res
+    res["spill_stores"], res["spill_loads"] = int(spill.group(1)), int(spill.group(2))
+    res["hgmma"] = sum(op == "HGMMA" for op in ops)
+    res["hmma"] = sum(op == "HMMA" for op in ops)
+    res["ffma"] = sum(op == "FFMA" for op in ops)
+    res["ok"] = True
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def _cost(case):
+    """Rough compile seconds on one CPU core (fp32 GEMMs spill, and ptxas takes long over them)."""
+    gemm = case["kernel"] in ("fused_linear/dense", "fused_linear/4bit")
+    if case["dtype"] == "fp32":
+        return 6.0 if case["kernel"] == "fused_linear/4bit" else 4.0 if gemm else 1.5
+    return 1.5 if gemm else 1.0
+
+
+def main(ids):
+    by_id = {c["id"]: c for c in cases()}
+    if ids == ["-"]:
+        ids = json.load(sys.stdin)
+    todo = [by_id[i] for i in ids] if ids else list(by_id.values())
+    todo.sort(key=_cost, reverse=True)  # longest first: the workers end at about the same time
+    workers = int(os.environ.get("GPU_COMPILE_WORKERS", "2"))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for res in pool.map(compile_case, todo, chunksize=1):
+            print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("TRITON_INTERPRET=1: the kernels would be interpreted functions, not JITFunctions")
+    main(sys.argv[1:])
