@@ -205,18 +205,22 @@ _REPACKED = ("the 4-bit weight is in bitsandbytes' CPU-repacked layout (made by 
 
 # ------------------------------------------------------------------------------------------ fast forwards
 
-def _forward_4bit(self, x, *args, **kwargs):
-    """Fused forward of a PEFT lora.bnb.Linear4bit layer (see the module docstring)."""
+def _fast_path_terms(self, args, kwargs):
+    """The active adapters' (A, B, scaling, dropout p), or the reason this call takes PEFT's own forward."""
     if args or kwargs:
         reason = _call_reason(args, kwargs)
         if reason is not None:
-            return _fallback(self, reason, x, args, kwargs)
-        kwargs = {}
+            return reason
     if self._disable_adapters:
-        return _fallback(self, "adapters are disabled", x, args, kwargs)
+        return "adapters are disabled"
     if self.merged_adapters:
-        return _fallback(self, "adapters are merged into the base weight", x, args, kwargs)
-    terms = _lora_terms(self)
+        return "adapters are merged into the base weight"
+    return _lora_terms(self)
+
+
+def _forward_4bit(self, x, *args, **kwargs):
+    """Fused forward of a PEFT lora.bnb.Linear4bit layer (see the module docstring)."""
+    terms = _fast_path_terms(self, args, kwargs)
     if terms.__class__ is str:
         return _fallback(self, terms, x, args, kwargs)
     base = self.base_layer
@@ -244,16 +248,7 @@ def _forward_4bit(self, x, *args, **kwargs):
 
 def _forward_dense(self, x, *args, **kwargs):
     """Fused forward of a PEFT lora.Linear layer with an nn.Linear base (see the module docstring)."""
-    if args or kwargs:
-        reason = _call_reason(args, kwargs)
-        if reason is not None:
-            return _fallback(self, reason, x, args, kwargs)
-        kwargs = {}
-    if self._disable_adapters:
-        return _fallback(self, "adapters are disabled", x, args, kwargs)
-    if self.merged_adapters:
-        return _fallback(self, "adapters are merged into the base weight", x, args, kwargs)
-    terms = _lora_terms(self)
+    terms = _fast_path_terms(self, args, kwargs)
     if terms.__class__ is str:
         return _fallback(self, terms, x, args, kwargs)
     base = self.base_layer
