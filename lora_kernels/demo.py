@@ -38,9 +38,10 @@ def decode_bytes(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def llama_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=160,
+def llama_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=200,
                  vocab_size=BYTE_VOCAB, max_position_embeddings=512, **kwargs):
-    """A Llama-architecture config. Odd-ish sizes on purpose: they exercise K % 64 != 0 paths."""
+    """A Llama-architecture config. Odd-ish sizes on purpose: down_proj has K % 64 != 0 and K % 16 != 0
+    (bitsandbytes 0.50 decodes wrongly on CPU when K % 16 == 0 but K % blocksize != 0, e.g. K = 160)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -1,6 +1,5 @@
 """`lora-kernels params`: the tables, formats and one-line errors, through the real dispatcher."""
 import csv
-import importlib
 import io
 import json
 import os
@@ -14,23 +13,8 @@ from lora_kernels import cli, rank
 transformers = pytest.importorskip("transformers")
 
 
-def _importable(module):
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
-
-
-HAS_ALL_SUBCOMMANDS = all(_importable(m) for m, _ in cli._SUBCOMMANDS.values())
-
-
 @pytest.fixture
-def main(monkeypatch):
-    """cli.main; while a sibling subcommand's module is not written yet, the dispatcher without it."""
-    if not HAS_ALL_SUBCOMMANDS:
-        mine = {k: v for k, v in cli._SUBCOMMANDS.items() if k in ("params", "sweep")}
-        monkeypatch.setattr(cli, "_SUBCOMMANDS", mine)
+def main():
     return cli.main
 
 
@@ -121,7 +105,6 @@ def test_params_errors(main, model_dir, capsys, tmp_path):
     assert "unknown task" in _error(main, capsys, ["params", model_dir, "--task", "dancing"])
 
 
-@pytest.mark.skipif(not HAS_ALL_SUBCOMMANDS, reason="the dispatcher imports a subcommand module not written yet")
 def test_entry_point_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lora_kernels.cli", "params", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=120)
