@@ -67,6 +67,24 @@ def test_triton_dequantize_matches_bitsandbytes(monkeypatch, quant_type, nested,
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("k", [160, 96])
+def test_k_multiple_of_16_but_not_of_blocksize(backend, k):
+    """bitsandbytes 0.50's CPU dequantize decodes (N, K) wrongly for such K, while the same bytes read as
+    a flat (N*K,) tensor decode right: that flat decode is the oracle here, and ours must equal it."""
+    import copy
+
+    w = torch.randn(24, k, generator=torch.Generator().manual_seed(k)).to(torch.float16)
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    flat_state = copy.deepcopy(state)
+    flat_state.shape = torch.Size([24 * k])
+    expected = bnbF.dequantize_4bit(packed, flat_state).view(24, k)
+    got = lk.dequantize_4bit(packed, state)
+    assert torch.equal(got, expected)
+    # and it is a quantization of w: half NF4's widest code gap (1 - 0.7230) is below 0.14 of the block absmax
+    absmax = w.float().reshape(-1, 64).abs().amax(1).repeat_interleave(64).view(24, k)
+    assert bool(((got.float() - w.float()).abs() <= 0.17 * absmax + 1e-3).all())
+
+
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
 def test_any_quant_storage_reads_the_same_bytes(backend, storage):
     n, k = 8, 64  # byte count divisible by every storage element size
