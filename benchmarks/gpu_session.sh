@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call that does a session's GPU work: the GPU tests at real shapes, then the quick benchmark
+# sweep; everything lands under $OUT (commit the CSV/PNG/MD into benchmarks/results/ afterwards).
+# From the project root, after ../shared/gpu/wheels.sh has put bitsandbytes into .whl/ (carry .whl):
+#   LORA_KERNELS_COMMIT=<git rev-parse --short=12 HEAD> bash benchmarks/gpu_session.sh
+# TEST_S and BENCH_S bound the two parts (seconds); together they fit one 10-minute call.
+set -u
+: "${OUT:?set OUT to the folder whose files come back}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}  # this tree's package, without an install
+export LORA_KERNELS_COMMIT=${LORA_KERNELS_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'bnb', b.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+timeout "${TEST_S:-150}" python3 -m pytest -q -rs tests/test_gpu.py > "$OUT/gpu-tests.log" 2>&1
+echo "gpu tests: exit $?"; tail -n 15 "$OUT/gpu-tests.log"
+timeout "${BENCH_S:-420}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-420} - 60 )) \
+  --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+echo "bench: exit $?"; tail -c 6000 "$OUT/bench.log"
