@@ -44,6 +44,8 @@ K_ODD = 4095
 R = 64
 SEED = 12347
 BLOCKSIZE = 64
+# M values whose buckets cover every pruning rule of configs.config_allowed (M <= 16, up to 256, above).
+M_BUCKETS = (1, 16, 256, 512, 8192)
 
 
 class Ptr:
@@ -61,7 +63,7 @@ def _gemm_args(mode, base, dt, m):
     fwd = mode.startswith("fwd")
     odd = "oddK" in mode
     k = K_ODD if odd else K
-    dropout = mode == "bwd"
+    dropout = mode.startswith("bwd") and "nodrop" not in mode
     red, n_out = (k, N) if fwd else (N, k)
     if base == BASE_4BIT:
         w, w_strides, code, scales, k_w = Ptr("u8"), ((1, k) if fwd else (k, 1)), Ptr("fp32"), Ptr("fp32"), k
@@ -91,12 +93,14 @@ def _gemm_args(mode, base, dt, m):
 
 
 # (mode, BASE): fwd = y = x W^T + s (xa) B^T + bias; fwd-M1 = the same at M = 1 (decode: M and M_BUCKET are
-# specialized to constexpr 1, only BLOCK_M = 16 configs; bf16/fp16 only); bwd = dx = dy W + s drop'(dxa A), dropout on;
-# bwd-nodrop = the same without dropout; fwd-oddK = odd in_features (per-element 4-bit decode);
-# epi-* = the BASE=0 epilogue after cuBLAS on the dequant path (ACC_IN).
+# specialized to constexpr 1, only BLOCK_M = 16 configs); bwd = dx = dy W + s drop'(dxa A), dropout on;
+# bwd-nodrop = the same without dropout; *-oddK = odd in_features (PAIRED false: per-element 4-bit decode,
+# configs.ODD_K_GEMM_CONFIGS for 16-bit activations); epi-* = the BASE=0 epilogue after cuBLAS on the dequant
+# path (ACC_IN).
 GEMM_MODES = [
     ("fwd", BASE_DENSE), ("fwd-M1", BASE_DENSE), ("bwd", BASE_DENSE), ("bwd-nodrop", BASE_DENSE),
     ("fwd", BASE_4BIT), ("fwd-M1", BASE_4BIT), ("bwd", BASE_4BIT), ("bwd-nodrop", BASE_4BIT), ("fwd-oddK", BASE_4BIT),
+    ("bwd-oddK", BASE_4BIT), ("bwd-nodrop-oddK", BASE_4BIT),
 ]
 EPILOGUE_MODES = ["epi-fwd", "epi-bwd"]
 
@@ -126,29 +130,28 @@ def cases():
                 return "HMMA"
 
             for mode, base in GEMM_MODES:
-                if mode == "fwd-M1" and dt == "fp32":
-                    continue
                 name = "fused_linear/" + ("dense" if base == BASE_DENSE else "4bit")
-                for bm, bn, bk, w, s in configs.GEMM_CONFIGS:
+                for bm, bn, bk, w, s in configs.all_gemm_configs():
                     m = 1 if mode == "fwd-M1" else 16 if bm == 16 else 512
                     args, flags = _gemm_args(mode, base, dt, m)
                     # The autotuner's pruning, over every M bucket: a config is compiled when some M uses it.
                     if not any(configs.config_allowed(bm, bn, bk, w, s, m=mm, dtype_bytes=DTYPES[dt],
-                                                      dropout=flags["DROPOUT"], paired=flags["PAIRED"], base=base)
-                               for mm in ((1,) if m == 1 else (1, 16, 256, 512, 8192))):
+                                                      dropout=flags["DROPOUT"], paired=flags["PAIRED"], base=base,
+                                                      w_trans=flags["W_TRANS"], arch=arch)
+                               for mm in ((1,) if m == 1 else M_BUCKETS)):
                         continue
                     tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=configs.GROUP_M)
                     add(name, mode, dt, _config_str(tile, w, s), arch, args, {**flags, **tile}, w, s, tc(bm))
-            e = dict(configs.EPILOGUE_CONFIG)
+            e = configs.epilogue_config(DTYPES[dt])
             w, s = e.pop("num_warps"), e.pop("num_stages")
             for mode in EPILOGUE_MODES:
                 args, flags = _gemm_args(mode[4:], BASE_NONE, dt, 512)
                 add("fused_linear/epilogue", mode, dt, _config_str(e, w, s), arch, args, {**flags, **e}, w, s,
                     tc(e["BLOCK_M"]))
-            lc = dict(configs.LORA_CONFIG)
+            lc, cap = configs.lora_config(DTYPES[dt])
             w, s = lc.pop("num_warps"), lc.pop("num_stages")
-            for r in (16, 64):  # R_BLOCK = rank_block(r): 16 and 64
-                rb = _rank_block(r, 64)
+            for r in (16, 64):  # R_BLOCK = rank_block(r, cap): 16 and the cap (64; fp32: 32)
+                rb = _rank_block(r, cap)
                 for dropout in (False, True):
                     mode = f"R_BLOCK={rb}" + (" drop" if dropout else "")
                     p, seed = (0.1, SEED) if dropout else (0.0, 0)
@@ -275,11 +278,8 @@ def compile_case(case):
 
 
 def _cost(case):
-    """Rough compile seconds on one CPU core (fp32 GEMMs spill, and ptxas takes long over them)."""
-    gemm = case["kernel"] in ("fused_linear/dense", "fused_linear/4bit")
-    if case["dtype"] == "fp32":
-        return 6.0 if case["kernel"] == "fused_linear/4bit" else 4.0 if gemm else 1.5
-    return 1.5 if gemm else 1.0
+    """Rough compile seconds on one CPU core (the 4-bit decode GEMMs take longest)."""
+    return {"fused_linear/4bit": 2.5, "fused_linear/dense": 1.5}.get(case["kernel"], 1.0)
 
 
 def main(ids):

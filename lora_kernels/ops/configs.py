@@ -1,14 +1,22 @@
 """Launch configurations in one place: autotune candidates per kernel, interpreter tiles, path dispatch.
 
-Candidates are pruned by the M bucket (no 128-row tiles for decode-sized M) and by a shared-memory
-estimate; tests/test_gpu_compile.py compiles every candidate for sm_90 and sm_80 on CPU and checks that
-each builds, fits in shared memory, does not spill and uses tensor cores.
+Each launch draws its GEMM autotune candidates from one list, chosen by what it computes (gemm_candidates):
+16-bit activations take tensor-core tiles (GEMM_CONFIGS); an odd in_features with 4-bit weights takes
+ODD_K_GEMM_CONFIGS (its per-element decode needs smaller W tiles); fp32 activations take FP32_GEMM_CONFIGS
+(the exact ieee fp32 dot runs on FFMA with operand tiles in registers, so 16-bit-sized tiles spill). The
+rank kernels and the epilogue-only launch have an fp32 variant for the same reason. The candidates are
+then pruned by the M bucket (no 128-row tiles for decode-sized M, only 16-row tiles for M <= 16), by a
+shared-memory estimate, by the dropout epilogue's register budget and, on pre-Hopper GPUs, by the tiles
+that spill only there. tests/test_gpu_compile.py compiles every candidate each launch can get, for sm_90
+and sm_80 on CPU, and checks that each builds, fits in shared memory, does not spill and uses tensor cores
+(16-bit; fp32 must not); every (M bucket, dtype, weight kind, dropout, arch) keeps at least one candidate.
 """
 import os
 
 import triton
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). bf16 / fp16 activations: tensor-core tiles (HGMMA on
+# sm_90 from 64 rows); 16-row tiles serve M <= 16.
 GEMM_CONFIGS = [
     (128, 128, 64, 8, 3),
     (128, 64, 64, 8, 3),
@@ -17,6 +25,29 @@ GEMM_CONFIGS = [
     (16, 64, 128, 4, 4),
     (16, 128, 64, 4, 4),
 ]
+# bf16 / fp16 with 4-bit weights of odd in_features (PAIRED false, forward and backward): decode_4bit
+# gathers a byte and an fp32 scale per W element, and the pipeliner stages those gathers in shared memory
+# (about twice _smem_estimate). GEMM_CONFIGS' 64x128 W tiles spilled or exceeded sm_80's 163 KiB there
+# (16x128x64, 64x128x64, 128x128x64), so W tiles of at most 64x64, with a 16-row tile of its own for M <= 16.
+ODD_K_GEMM_CONFIGS = [
+    (128, 64, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (16, 64, 64, 4, 4),
+]
+# fp32 activations (dense or 4-bit, any K): common.mma takes exact ieee products, an FFMA GEMM that holds the
+# fp32 operand fragments in registers next to the accumulator, so the 16-bit tiles spill (every 4-bit one,
+# most dense ones). These small tiles compile clean in every mode on sm_90 and sm_80; the 64x64 and 128-row
+# variants tried each spilled somewhere (4 B to 6 KB, mostly in the 4-bit decode paths). fp32 is the exact
+# path, not the fast one.
+FP32_GEMM_CONFIGS = [
+    (64, 32, 16, 4, 3),
+    (32, 64, 16, 4, 3),
+    (16, 64, 16, 4, 3),
+    (16, 32, 32, 4, 3),
+]
+# Pre-Hopper only (found on sm_80 by the compile test): the 4-bit backward (W_TRANS false, mma.sync) spills
+# 4 B at 64x128x64 w4 with 255 registers; the same tile is clean on sm_90 (wgmma).
+PRE_HOPPER_4BIT_BWD_EXCLUDED = {(64, 128, 64, 4, 4)}
 # The backward dropout epilogue keeps a second fp32 accumulator and Philox state per element: tiles with
 # more than this many output elements per thread spill registers there (sm_90 compile, tests/test_gpu_compile.py).
 DROPOUT_MAX_ELEMS_PER_THREAD = 32
@@ -26,10 +57,18 @@ GROUP_M = 8
 # The interpreter runs tiles in numpy: small tiles keep CPU tests quick and exercise multi-tile loops.
 INTERPRETER_GEMM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRETER_LORA = dict(BLOCK_M=16, BLOCK_K=32)
-# Rank kernels (LoRA down-projection, dA): memory-bound streams over x.
+# Rank kernels (LoRA down-projection, dA): memory-bound streams over x, the rank in chunks of at most
+# LORA_RANK_BLOCK_MAX. fp32 (FFMA dot): LORA_CONFIG spills with 64-wide rank chunks on sm_80 and, in lora_grad_a
+# with dropout's Philox state, on sm_90 too; 32-row tiles and 32-wide chunks are clean.
 LORA_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)
-# Epilogue-only launch (base GEMM done by cuBLAS): a streaming read-modify-write of the output.
+LORA_RANK_BLOCK_MAX = 64
+FP32_LORA_CONFIG = dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3)
+FP32_LORA_RANK_BLOCK_MAX = 32
+# Epilogue-only launch (base GEMM done by cuBLAS): a streaming read-modify-write of the output. fp32: the
+# backward dropout epilogue spills 64x128 tiles on sm_80 (two fp32 accumulators and FFMA operands per
+# thread), so 64x64 over the same 8 warps.
 EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
+FP32_EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
 SHARED_MEMORY_LIMIT = 227 * 1024  # H100 per-block opt-in maximum
 
 # Where "dequantize into a buffer + cuBLAS + LoRA epilogue" takes over from the one-pass kernel.
@@ -56,31 +95,76 @@ def _smem_estimate(bm, bn, bk, stages, elem_bytes=2):
     return stages * (bm * bk + bk * bn) * elem_bytes
 
 
+def gemm_candidates(dtype_bytes=2, paired=True, base=2):
+    """The GEMM config list a launch draws from: fp32, odd-K 4-bit (16-bit activations) or 16-bit."""
+    if dtype_bytes == 4:
+        return FP32_GEMM_CONFIGS
+    if base == 2 and not paired:
+        return ODD_K_GEMM_CONFIGS
+    return GEMM_CONFIGS
+
+
+def all_gemm_configs():
+    """Every GEMM config of any list, once each (the autotuner holds them all; pruning picks per launch)."""
+    return list(dict.fromkeys(GEMM_CONFIGS + ODD_K_GEMM_CONFIGS + FP32_GEMM_CONFIGS))
+
+
 def gemm_configs():
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M), num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in GEMM_CONFIGS]
+            for bm, bn, bk, w, s in all_gemm_configs()]
 
 
-def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, dtype_bytes=2, dropout=False, paired=True, base=2):
-    """Whether a GEMM tile config is a candidate for this launch (the same rules the compile test checks)."""
+def lora_config(dtype_bytes=2):
+    """(tiles with num_warps / num_stages, R_BLOCK cap) of the rank kernels for this activation size."""
+    if dtype_bytes == 4:
+        return dict(FP32_LORA_CONFIG), FP32_LORA_RANK_BLOCK_MAX
+    return dict(LORA_CONFIG), LORA_RANK_BLOCK_MAX
+
+
+def epilogue_config(dtype_bytes=2):
+    """Tiles, num_warps and num_stages of the epilogue-only (BASE=0) launch for this activation size."""
+    return dict(FP32_EPILOGUE_CONFIG if dtype_bytes == 4 else EPILOGUE_CONFIG)
+
+
+def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, dtype_bytes=2, dropout=False, paired=True, base=2,
+                   w_trans=True, arch=None):
+    """Whether a GEMM tile config is a candidate for this launch (the same rules the compile test checks).
+
+    arch: the GPU's compute capability as major * 10 + minor (90 for H100), None when unknown (no
+    arch-specific pruning)."""
+    cfg = (bm, bn, bk, num_warps, num_stages)
+    if cfg not in gemm_candidates(dtype_bytes, paired, base):
+        return False
     if _smem_estimate(bm, bn, bk, num_stages, 4 if dtype_bytes == 4 else 2) > SHARED_MEMORY_LIMIT:
         return False
     if dropout and bm * bn > DROPOUT_MAX_ELEMS_PER_THREAD * 32 * num_warps:
         return False
-    if base == 2 and not paired and bk > 64:  # the per-element decode of an odd K spills with deep K tiles
+    if arch is not None and arch < 90 and base == 2 and not w_trans and cfg in PRE_HOPPER_4BIT_BWD_EXCLUDED:
         return False
     if m <= 16:
         return bm == 16
     return not (m > 256 and bm == 16)
 
 
+def device_arch(t):
+    """Compute capability (major * 10 + minor) of a CUDA tensor's device; None for anything else."""
+    device = getattr(t, "device", None)
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
+    arch = device_arch(args.get("out_ptr"))
     keep = [c for c in configs
             if config_allowed(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                               c.num_stages, m=args["M"], dtype_bytes=args.get("DTYPE_BYTES", 2),
                               dropout=bool(args.get("DROPOUT", False)), paired=bool(args.get("PAIRED", True)),
-                              base=args.get("BASE", 2))]
+                              base=args.get("BASE", 2), w_trans=bool(args.get("W_TRANS", True)), arch=arch)]
     if not keep:
         raise RuntimeError(f"no GEMM config fits this launch (M={args['M']}); configs.py needs a candidate for it")
     return keep

@@ -111,7 +111,10 @@ def _lora_tiles(left_ptr, stride_lm, stride_lr, right_ptr, stride_rr, stride_rj,
 
 _fused_linear_tuned = triton.autotune(
     configs=configs.gemm_configs(),
-    key=["M_BUCKET", "OUT", "RED", "R", "DTYPE_BYTES", "BASE", "HAS_LORA", "HAS_BIAS", "DROPOUT"],
+    # W_TRANS and PAIRED choose the candidates too (configs.config_allowed): a square forward and backward
+    # must not share a tuning.
+    key=["M_BUCKET", "OUT", "RED", "R", "DTYPE_BYTES", "BASE", "HAS_LORA", "HAS_BIAS", "DROPOUT", "W_TRANS",
+         "PAIRED"],
     prune_configs_by={"early_config_prune": configs.prune_gemm_configs},
 )(_fused_linear_kernel)
 
@@ -216,16 +219,16 @@ def launch_fused_linear(act, w, w_strides, base, out, *, code=None, scales=None,
     if INTERPRETED:
         _fused_linear_kernel[grid](*args, **flags, **configs.INTERPRETER_GEMM)
     elif base == BASE_NONE:
-        _fused_linear_kernel[grid](*args, **flags, **configs.EPILOGUE_CONFIG)
+        _fused_linear_kernel[grid](*args, **flags, **configs.epilogue_config(act.element_size()))
     else:
         _fused_linear_tuned[grid](*args, **flags)
     return out
 
 
-def _rank_kernel_tiles():
-    if INTERPRETED:
-        return dict(configs.INTERPRETER_LORA)
-    return dict(configs.LORA_CONFIG)
+def _rank_kernel_tiles(x):
+    """(tiles, R_BLOCK cap) for x's dtype; the interpreter keeps its small tiles but the same cap."""
+    tiles, cap = configs.lora_config(x.element_size())
+    return (dict(configs.INTERPRETER_LORA) if INTERPRETED else tiles), cap
 
 
 def launch_lora_down(x, a, dropout_p, seed):
@@ -233,8 +236,8 @@ def launch_lora_down(x, a, dropout_p, seed):
     m, k = x.shape
     r = a.shape[0]
     out = torch.empty((m, r), dtype=x.dtype, device=x.device)
-    tiles = _rank_kernel_tiles()
-    rb = rank_block(r)
+    tiles, cap = _rank_kernel_tiles(x)
+    rb = rank_block(r, cap)
     grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(r, rb))
     _lora_down_kernel[grid](x, x.stride(0), x.stride(1), a, a.stride(0), a.stride(1), out, out.stride(0),
                             out.stride(1), m, k, r, float(dropout_p), int(seed), DROPOUT=dropout_p > 0.0,
@@ -246,8 +249,8 @@ def launch_lora_grad_a(dxa, x, dropout_p, seed):
     """fp32 [R, K] = dxa^T @ drop(x), split over M so that enough programs run."""
     m, k = x.shape
     r = dxa.shape[1]
-    tiles = _rank_kernel_tiles()
-    rb = rank_block(r)
+    tiles, cap = _rank_kernel_tiles(x)
+    rb = rank_block(r, cap)
     programs = triton.cdiv(k, tiles["BLOCK_K"]) * triton.cdiv(r, rb)
     split = 1 if INTERPRETED else max(1, min(triton.cdiv(m, 4 * tiles["BLOCK_M"]), triton.cdiv(264, programs)))
     rows = triton.cdiv(triton.cdiv(m, split), tiles["BLOCK_M"]) * tiles["BLOCK_M"]
