@@ -2,6 +2,7 @@
 reasons, the time limit, one-line errors. The GPU figures themselves are measured on a GPU, not here."""
 import csv
 import os
+import re
 import time
 
 import pytest
@@ -69,7 +70,7 @@ def test_appending_keeps_one_header(tmp_path, capsys):
 def test_train_step_rows_and_table(tmp_path, capsys):
     out_csv = tmp_path / "t.csv"
     rc, out, err = _bench(capsys, "--mode", "train_step", "--layers", "1", "--seq-len", "16", "--train-ranks", "4",
-                          "--train-steps", "1", "--train-warmup", "0", "--csv", str(out_csv))
+                          "--train-steps", "2", "--train-warmup", "1", "--csv", str(out_csv))
     assert rc == 0, err
     rows = results.read_csv(str(out_csv))
     assert [r["provider"] for r in rows] == ["peft_bnb", "lora_kernels[reference]", "peft_bf16"]
@@ -77,6 +78,12 @@ def test_train_step_rows_and_table(tmp_path, capsys):
         assert (r["bench"], r["m"], r["n"], r["k"], r["r"]) == ("train_step", 16, 128, 1, 4)
         assert r["ms_p50"] > 0
     assert "train_step" in out and "tokens/s" in out and "vs peft_bnb" in out
+    # the patched model trains like stock PEFT, step by step (3 steps: warm-up included, so AdamW has moved B)
+    parity = re.search(r"train_step r=4: loss of lora_kernels vs peft_bnb, step 1 (\S+) vs (\S+), step 3 (\S+) vs (\S+); "
+                       r"largest relative difference (\S+)", out)
+    assert parity, out
+    assert float(parity[1]) > 0 and float(parity[3]) != float(parity[1])
+    assert float(parity[5]) < 1e-2
 
 
 def test_no_argument_run_on_cpu_is_under_a_minute(tmp_path, monkeypatch, capsys):

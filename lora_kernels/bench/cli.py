@@ -227,6 +227,10 @@ def run(args) -> int:
     print()
     print(speedup_table(res.rows))
     print()
+    from .train_step import loss_parity_lines
+
+    for line in loss_parity_lines(res.train_losses):
+        print(line)
     if res.skipped:
         print(f"{len(res.skipped)} case(s) skipped; reasons printed above")
     if not spec.on_cuda:

@@ -44,6 +44,7 @@ class BenchResult:
     env: dict = field(default_factory=dict)
     aborted: str | None = None
     seconds: float = 0.0
+    train_losses: dict = field(default_factory=dict)  # (train provider, r) -> loss of each step
 
 
 def plan(spec: BenchSpec) -> list:
@@ -135,9 +136,10 @@ def _measure_train(task, spec, log):
     step, label, tokens, keep = train_step.build(spec, task.provider, task.r, log=log)
     try:
         t = time_steps(step, device=spec.device, warmup_steps=spec.train_warmup, steps=spec.train_steps)
+        losses = [float(v) for v in keep[-1]]  # after timing: reading them synchronizes
     finally:
         del step, keep
-    return label, t
+    return label, t, losses
 
 
 def run_bench(spec: BenchSpec, *, csv_path=None, progress=True, log=print) -> BenchResult:
@@ -194,7 +196,7 @@ def _run(spec, csv_path, progress, log):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
                     if task.mode == "train_step":
-                        label, t = _measure_train(task, spec, say)
+                        label, t, res.train_losses[(task.provider, task.r)] = _measure_train(task, spec, say)
                     else:
                         label, t = _measure_layer(task, spec, inputs)
             except Skip as exc:

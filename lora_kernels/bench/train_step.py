@@ -15,7 +15,9 @@ vocabulary (so the step measures the decoder layers). Variants, all from the sam
 PEFT's defaults otherwise: adapters in fp32 (autocast_adapter_dtype), lora_alpha 16, no bias, dropout
 `--lora-dropout` (default 0). One step = zero_grad, forward with labels (causal LM loss), backward,
 AdamW step; no gradient checkpointing. Timed after `train_warmup` steps; peak memory over the timed steps
-is everything the run holds (weights, adapters, gradients, AdamW state, activations).
+is everything the run holds (weights, adapters, gradients, AdamW state, activations). Every variant starts
+from the same weights and data, so the patched variants' losses, step by step, must track stock PEFT's
+(loss_parity).
 """
 from __future__ import annotations
 
@@ -103,10 +105,38 @@ def build(spec, provider, r, log=print):
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (spec.batch_size, spec.seq_len), generator=gen).to(device)
 
+    losses = []  # every step's loss, kept on the device: the loss-parity check reads them after timing
+
     def step():
         optimizer.zero_grad(set_to_none=True)
         out = peft_model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         optimizer.step()
+        losses.append(out.loss.detach())
 
-    return step, label, spec.batch_size * spec.seq_len, (peft_model, optimizer, ids)
+    return step, label, spec.batch_size * spec.seq_len, (peft_model, optimizer, ids, losses)
+
+
+# (patched variant, the stock variant it replaces)
+PARITY_PAIRS = (("lora_kernels", "peft_bnb"), ("lora_kernels_bf16", "peft_bf16"))
+
+
+def loss_parity(train_losses) -> list:
+    """(r, patched, stock, patched losses, stock losses, max relative difference) for each pair measured.
+
+    train_losses: {(provider, r): [loss of each step, warm-up included]}."""
+    out = []
+    for (provider, r), mine in sorted(train_losses.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        stock = dict(PARITY_PAIRS).get(provider)
+        theirs = train_losses.get((stock, r))
+        if stock is None or not theirs or len(theirs) != len(mine):
+            continue
+        worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine, theirs))
+        out.append((r, provider, stock, mine, theirs, worst))
+    return out
+
+
+def loss_parity_lines(train_losses) -> list:
+    return [f"train_step r={r}: loss of {mine_name} vs {stock}, step 1 {mine[0]:.4f} vs {theirs[0]:.4f}, "
+            f"step {len(mine)} {mine[-1]:.4f} vs {theirs[-1]:.4f}; largest relative difference {worst:.2e}"
+            for r, mine_name, stock, mine, theirs, worst in loss_parity(train_losses)]
