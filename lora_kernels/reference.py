@@ -29,29 +29,50 @@ def dequantize_4bit_ref(q: Quant4bit, dtype: torch.dtype) -> torch.Tensor:
 
 def _mul_lo_hi(a: torch.Tensor, b: int):
     """(a*b) mod 2^32 and (a*b) >> 32 for uint32 values held in int64, without int64 overflow."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    lo_prod = a_lo * b
-    mid = a_hi * b + (lo_prod >> 16)
-    return ((((a_hi * b) & 0xFFFF) << 16) + lo_prod) & _M32, mid >> 16
+    hi_part = (a >> 16) * b  # both partial products stay below 2^48
+    lo_part = (a & 0xFFFF) * b
+    return (((hi_part & 0xFFFF) << 16) + lo_part) & _M32, (hi_part + (lo_part >> 16)) >> 16
 
 
-def philox_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) fp32 from Philox4x32-10 with counter (col, row, 0, 0) and key (seed, 0).
-
-    Bit-identical to the kernels' `_philox_uniform` (ops/dropout.py): the dropout mask depends only on
-    the seed and the element's (row, col) in the 2-D view of x, so backward and recomputation regenerate it.
-    """
-    c0 = (cols.to(torch.int64) & _M32).expand(torch.broadcast_shapes(rows.shape, cols.shape)).clone()
-    c1 = (rows.to(torch.int64) & _M32).expand_as(c0).clone()
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = int(seed) & _M32, 0
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """The four output words of Philox4x32-10 for counters (c0..c3: int64 tensors of uint32 values, any
+    broadcastable shapes; the words grow to the broadcast shape as the rounds mix them) and key (k0, k1)."""
+    k0, k1 = int(k0) & _M32, int(k1) & _M32
     for _ in range(PHILOX_ROUNDS):
         lo_b, hi_b = _mul_lo_hi(c2, _ROUND_B)
         lo_a, hi_a = _mul_lo_hi(c0, _ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return (c0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return c0, c1, c2, c3
+
+
+# Elements per chunk of philox_uniform: the ~200 int64 passes of ten rounds then run in cache.
+_PHILOX_CHUNK = 1 << 16
+
+
+def philox_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) fp32 from Philox4x32-10 with counter (col, row, 0, 0) and key (seed, 0).
+
+    Bit-identical to the kernels' `philox_uniform` (ops/common.py): the dropout mask depends only on
+    the seed and the element's (row, col) in the 2-D view of x, so backward and recomputation regenerate it.
+    """
+    shape = torch.broadcast_shapes(rows.shape, cols.shape)
+    rows = (rows.to(torch.int64) & _M32).reshape((1,) * (len(shape) - rows.dim()) + tuple(rows.shape))
+    cols = (cols.to(torch.int64) & _M32).reshape((1,) * (len(shape) - cols.dim()) + tuple(cols.shape))
+    out = torch.empty(shape, dtype=torch.float32, device=rows.device)
+    if out.numel() == 0:
+        return out
+    if len(shape) == 0:
+        rows, cols, out = rows.reshape(1), cols.reshape(1), out.reshape(1)
+    inner = max(1, out[0].numel())
+    step = max(1, _PHILOX_CHUNK // inner)
+    zero = torch.zeros((), dtype=torch.int64, device=rows.device)
+    for i in range(0, out.shape[0], step):
+        r = rows if rows.shape[0] == 1 else rows[i:i + step]
+        c = cols if cols.shape[0] == 1 else cols[i:i + step]
+        word = philox4x32_10(c, r, zero, zero, seed, 0)[0]
+        out[i:i + step] = (word >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return out.reshape(shape)
 
 
 def dropout_keep_mask(seed: int, m: int, k: int, p: float, device=None) -> torch.Tensor:
