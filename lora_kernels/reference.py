@@ -46,8 +46,10 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-# Elements per chunk of philox_uniform: the ~200 int64 passes of ten rounds then run in cache.
+# Elements per chunk of philox_uniform on CPU: the ~200 int64 passes of ten rounds then run in cache. A GPU
+# wants few large launches instead.
 _PHILOX_CHUNK = 1 << 16
+_PHILOX_CHUNK_GPU = 1 << 24
 
 
 def philox_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ def philox_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.T
     if len(shape) == 0:
         rows, cols, out = rows.reshape(1), cols.reshape(1), out.reshape(1)
     inner = max(1, out[0].numel())
-    step = max(1, _PHILOX_CHUNK // inner)
+    step = max(1, (_PHILOX_CHUNK if out.device.type == "cpu" else _PHILOX_CHUNK_GPU) // inner)
     zero = torch.zeros((), dtype=torch.int64, device=rows.device)
     for i in range(0, out.shape[0], step):
         r = rows if rows.shape[0] == 1 else rows[i:i + step]

@@ -34,7 +34,7 @@ def test_qlora_linear_real_shapes(monkeypatch, path, n, k, r):
     y = lk.qlora_linear(xs[0], packed, state, a_s[0], b_s[0], s, bias=bias, dropout_p=p, training=True)
     torch.manual_seed(1)
     seed = int(torch.randint(2, 2**31 - 1, (), dtype=torch.int64))
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     y32 = reference.lora_linear_ref(xs[1], w, a_s[1], b_s[1], s, bias, p, seed, upcast=torch.float32)
     y_nat = reference.lora_linear_ref(xs[2], w, a_s[2], b_s[2], s, bias, p, seed)
     assert_close_to_oracle(y, y32, y_nat, what="y")
