@@ -196,6 +196,8 @@ def launch_fused_linear(act, w, w_strides, base, out, *, code=None, scales=None,
     n_out = out.shape[1]
     has_lora = left is not None
     r = left.shape[1] if has_lora else 0
+    if bias is not None:
+        bias = bias.contiguous()  # the epilogue reads bias[j] at bias_ptr + j
     dummy = out
     args = [
         act, act.stride(0), act.stride(1),
