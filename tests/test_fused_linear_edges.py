@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import lora_kernels as lk
+from lora_kernels.nf4 import read_quant_state
+from lora_kernels.ops import fused_linear
 from tests._util import quantized
 
 N, K, R = 40, 70, 8
@@ -60,3 +62,60 @@ def test_non_contiguous_x_and_adapters(backend, view, layer):
     for got, want in zip(*results):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "base-only"])
+@pytest.mark.parametrize("x_shape", [(0, K), (2, 0, K)], ids=["m0", "3d-zero-dim"])
+def test_empty_batch(backend, layer, lora, x_shape):
+    packed, state, _, a, b, bias, _ = layer
+    x = torch.zeros(x_shape, dtype=torch.bfloat16, requires_grad=True)
+    a_ = a.clone().requires_grad_() if lora else None
+    b_ = b.clone().requires_grad_() if lora else None
+    bias_ = bias.clone().requires_grad_()
+    y = lk.qlora_linear(x, packed, state, a_, b_, 1.5, bias=bias_, dropout_p=0.1, training=True)
+    assert y.shape == (*x_shape[:-1], N) and y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert not bias_.grad.any()
+    if lora:
+        assert not a_.grad.any() and not b_.grad.any()
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "base-only"])
+def test_empty_batch_fake_matches_real(backend, lora):
+    """The fake (meta) implementation and the real op agree on every output's shape at M = 0 too."""
+    packed, state, _ = quantized(N, K)
+    q = read_quant_state(packed, state)
+    a, b = (torch.randn(R, K), torch.randn(N, R)) if lora else (None, None)
+    args = (torch.zeros(0, K, dtype=torch.bfloat16), q.packed, q.meta_tensors(), [N, K, q.blocksize, q.blocksize2],
+            a, b, None, 2.0, 0.0, torch.zeros((), dtype=torch.int64))
+    torch.library.opcheck(fused_linear._linear_fwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("needs", ["x", "A", "B", "AB", "bias", "none"])
+def test_requires_grad_combinations(backend, layer, needs):
+    """Each input that requires grad gets the gradient it gets when all do; the others get none."""
+    packed, state, _, a, b, bias, x = layer
+    names = ("x", "A", "B", "bias")
+    grads = {}
+    for flags in (names, tuple(n for n in names if n in needs)):
+        ins = {n: t.clone().requires_grad_(n in flags) for n, t in zip(names, (x, a, b, bias))}
+        y = lk.qlora_linear(ins["x"], packed, state, ins["A"], ins["B"], 1.5, bias=ins["bias"])
+        assert y.requires_grad == bool(flags)
+        if flags:
+            y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype))
+        grads[flags == names] = {n: t.grad for n, t in ins.items()}
+    for n in names:
+        if n in needs:
+            assert torch.equal(grads[False][n], grads[True][n]), n
+        else:
+            assert grads[False][n] is None, n
+
+
+def test_double_backward_is_refused(layer):
+    packed, state, _, a, b, _, x = layer
+    xs = x.clone().requires_grad_()
+    y = lk.qlora_linear(xs, packed, state, a.clone().requires_grad_(), b, 1.5)
+    (gx,) = torch.autograd.grad(y.float().square().sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="linear_bwd"):
+        gx.float().sum().backward()

@@ -126,8 +126,8 @@ def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor]
     a 4-bit weight has qmeta = its code, absmax[, code2, absmax2, offset]; a dense one blocksize 0, qmeta []."""
     seed_value = _seed_of(seed, dropout_p)
     if x.shape[0] == 0:
-        n = qints[0]
-        return x.new_empty((0, n)), x.new_empty((0, 0 if lora_A is None else lora_A.shape[0]))
+        n = qints[0]  # xa as the fake says: [0, r], or (0,) without LoRA
+        return x.new_empty((0, n)), x.new_empty((0, lora_A.shape[0]) if lora_A is not None else (0,))
     if use_triton(x.device):
         y, xa = _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed_value or 0)
     else:
