@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import lora_kernels as lk
+from lora_kernels import reference
 from lora_kernels.nf4 import read_quant_state
 from lora_kernels.ops import fused_linear
-from tests._util import quantized
+from tests._util import max_err, quantized
 
 N, K, R = 40, 70, 8
 
@@ -119,3 +120,29 @@ def test_double_backward_is_refused(layer):
     (gx,) = torch.autograd.grad(y.float().square().sum(), xs, create_graph=True)
     with pytest.raises(RuntimeError, match="linear_bwd"):
         gx.float().sum().backward()
+
+
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-after", "backward-inside"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_leaves_the_op_in_x_dtype(backend, layer, backward_inside, x_dtype):
+    """Under CPU autocast the op computes in x's dtype, as its fake implementation says and as without autocast.
+    The reference backend used to let autocast recast its matmuls: y came back bf16 for an fp32 x and the
+    backward then failed on mixed dtypes."""
+    packed, state, w, a, b, bias, x = layer
+    x = x.to(x_dtype)
+    results = []
+    for autocast in (True, False):
+        xs, as_, bs = x.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = lk.qlora_linear(xs, packed, state, as_, bs, 1.5, bias=bias)
+            if backward_inside:
+                y.float().sum().backward()
+        if not backward_inside:
+            y.float().sum().backward()
+        results.append((y, xs.grad, as_.grad, bs.grad))
+    y = results[0][0]
+    assert y.dtype == x_dtype and results[0][1].dtype == x_dtype
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    oracle = reference.lora_linear_ref(x.double(), w.double(), a.double(), b.double(), 1.5, bias.double())
+    assert max_err(y, oracle) <= 2e-2 * oracle.abs().max().item()

@@ -15,6 +15,7 @@ The reference path (CPU default) runs the same equations in plain PyTorch (lora_
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -51,6 +52,14 @@ def _dense_weight(weight, qmeta, qints, dtype):
 
         return dequantize_4bit_triton(q, dtype)
     return reference.dequantize_4bit_ref(q, dtype)
+
+
+def _no_autocast(device: torch.device):
+    """The op computes in x's dtype, as its fake says, whatever autocast is on around it: left on, autocast
+    would recast the reference's matmuls (and the Triton path's dy @ B) to its own dtype and mix dtypes."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _seed_of(seed: torch.Tensor, dropout_p: float) -> Optional[int]:
@@ -124,16 +133,17 @@ def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor]
                 scaling: float, dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa) for x [M, K]; xa is empty when there is no LoRA term. qints = [N, K, blocksize, blocksize2];
     a 4-bit weight has qmeta = its code, absmax[, code2, absmax2, offset]; a dense one blocksize 0, qmeta []."""
-    seed_value = _seed_of(seed, dropout_p)
-    if x.shape[0] == 0:
-        n = qints[0]  # xa as the fake says: [0, r], or (0,) without LoRA
-        return x.new_empty((0, n)), x.new_empty((0, lora_A.shape[0]) if lora_A is not None else (0,))
-    if use_triton(x.device):
-        y, xa = _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed_value or 0)
-    else:
-        w = _dense_weight(weight, qmeta, qints, x.dtype)
-        y, xa = reference.lora_linear_fwd_ref(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed_value)
-    return y, (xa if xa is not None else x.new_empty((0,)))
+    with _no_autocast(x.device):
+        seed_value = _seed_of(seed, dropout_p)
+        if x.shape[0] == 0:
+            n = qints[0]  # xa as the fake says: [0, r], or (0,) without LoRA
+            return x.new_empty((0, n)), x.new_empty((0, lora_A.shape[0]) if lora_A is not None else (0,))
+        if use_triton(x.device):
+            y, xa = _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed_value or 0)
+        else:
+            w = _dense_weight(weight, qmeta, qints, x.dtype)
+            y, xa = reference.lora_linear_fwd_ref(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed_value)
+        return y, (xa if xa is not None else x.new_empty((0,)))
 
 
 @_linear_fwd.register_fake
@@ -150,34 +160,36 @@ def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: 
                 need_dx: bool, need_lora: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back empty. The LoRA term is part of dx whether or
     not A and B need gradients."""
-    seed_value = _seed_of(seed, dropout_p)
-    has_lora = lora_A is not None
-    dy = dy.contiguous()
-    need_lora = need_lora and has_lora
-    if dy.shape[0] == 0:
-        dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
-        if need_lora:
-            return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-        return dx, x.new_empty((0,)), x.new_empty((0,))
-    if use_triton(dy.device):
-        a = lora_A.to(dy.dtype).contiguous() if has_lora else None
-        dxa = dy @ lora_B.to(dy.dtype) if has_lora else None
-        dx = _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, seed_value or 0) if need_dx else None
-        d_a = d_b = None
-        if need_lora:
-            if dropout_p > 0.0:
-                from .fused_linear_kernels import launch_lora_grad_a
+    with _no_autocast(dy.device):
+        seed_value = _seed_of(seed, dropout_p)
+        has_lora = lora_A is not None
+        dy = dy.contiguous()
+        need_lora = need_lora and has_lora
+        if dy.shape[0] == 0:
+            dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
+            if need_lora:
+                return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+            return dx, x.new_empty((0,)), x.new_empty((0,))
+        if use_triton(dy.device):
+            a = lora_A.to(dy.dtype).contiguous() if has_lora else None
+            dxa = dy @ lora_B.to(dy.dtype) if has_lora else None
+            dx = (_backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, seed_value or 0)
+                  if need_dx else None)
+            d_a = d_b = None
+            if need_lora:
+                if dropout_p > 0.0:
+                    from .fused_linear_kernels import launch_lora_grad_a
 
-                d_a = (launch_lora_grad_a(dxa, x, dropout_p, seed_value) * scaling).to(lora_A.dtype)
-            else:
-                d_a = ((dxa.t() @ x) * scaling).to(lora_A.dtype)
-            d_b = ((dy.t() @ xa) * scaling).to(lora_B.dtype)
-    else:
-        w = _dense_weight(weight, qmeta, qints, dy.dtype)
-        dx, d_a, d_b = reference.lora_linear_bwd_ref(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed_value,
-                                                     need_dx=need_dx, need_lora=need_lora)
-    # Custom-op outputs may not alias each other: a fresh empty tensor for each missing gradient.
-    return tuple(g if g is not None else x.new_empty((0,)) for g in (dx, d_a, d_b))
+                    d_a = (launch_lora_grad_a(dxa, x, dropout_p, seed_value) * scaling).to(lora_A.dtype)
+                else:
+                    d_a = ((dxa.t() @ x) * scaling).to(lora_A.dtype)
+                d_b = ((dy.t() @ xa) * scaling).to(lora_B.dtype)
+        else:
+            w = _dense_weight(weight, qmeta, qints, dy.dtype)
+            dx, d_a, d_b = reference.lora_linear_bwd_ref(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed_value,
+                                                         need_dx=need_dx, need_lora=need_lora)
+        # Custom-op outputs may not alias each other: a fresh empty tensor for each missing gradient.
+        return tuple(g if g is not None else x.new_empty((0,)) for g in (dx, d_a, d_b))
 
 
 @_linear_bwd.register_fake
@@ -273,7 +285,8 @@ def qlora_linear(x, weight, quant_state, lora_A, lora_B, scaling, *, bias=None, 
     weight: bitsandbytes Params4bit or its packed data (any quant_storage dtype); quant_state: its QuantState.
     x: [..., in_features] bf16/fp16/fp32; lora_A [r, in_features], lora_B [out_features, r] (fp32 or the
     compute dtype), or both None for the base layer alone. Gradients flow to x, lora_A, lora_B (and bias if it
-    requires grad), never to W. Dropout runs only when training=True.
+    requires grad), never to W. Dropout runs only when training=True. It computes in x's dtype whether or not
+    autocast is on: to compute in the autocast dtype, cast x to it first (as patch_peft_model's forward does).
     """
     q = read_quant_state(weight, quant_state)
     n, k = q.shape
