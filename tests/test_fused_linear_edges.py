@@ -146,3 +146,27 @@ def test_autocast_leaves_the_op_in_x_dtype(backend, layer, backward_inside, x_dt
         assert got.dtype == want.dtype and torch.equal(got, want)
     oracle = reference.lora_linear_ref(x.double(), w.double(), a.double(), b.double(), 1.5, bias.double())
     assert max_err(y, oracle) <= 2e-2 * oracle.abs().max().item()
+
+
+def test_dense_weight_that_requires_grad_is_refused():
+    """The op never gives W a gradient: a trainable W would silently stay untrained, so it is an error."""
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    w = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    a, b = torch.randn(4, 16), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="weight requires grad.*requires_grad_\\(False\\)"):
+        lk.lora_linear(x, w, a, b, 1.0)
+    with torch.no_grad():  # inference: no gradient is owed to anything
+        y = lk.lora_linear(x, w, a, b, 1.0)
+    assert torch.equal(y, lk.lora_linear(x, w.detach(), a, b, 1.0))
+
+
+def test_int32_span_copies_only_views_that_reach_past_int32():
+    span = fused_linear._int32_span
+    small = torch.empty_strided((2, 8), (2**30, 1), device="meta")  # spans 2^30 + 8 elements
+    assert span(small) is small
+    huge = torch.empty_strided((4, 8), (2**30, 1), device="meta")  # a 4-row view into a >4 GiB buffer
+    fixed = span(huge)
+    assert fixed.shape == huge.shape and fixed.stride() == (8, 1)
+    assert span(torch.empty_strided((0, 8), (2**40, 1), device="meta")).shape == (0, 8)
+    with pytest.raises(ValueError, match="65536x32768 weight exceeds the Triton kernels' int32 indexing"):
+        fused_linear._check_int32_extent(1, 2**16, 2**15)
