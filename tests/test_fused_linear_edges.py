@@ -170,3 +170,16 @@ def test_int32_span_copies_only_views_that_reach_past_int32():
     assert span(torch.empty_strided((0, 8), (2**40, 1), device="meta")).shape == (0, 8)
     with pytest.raises(ValueError, match="65536x32768 weight exceeds the Triton kernels' int32 indexing"):
         fused_linear._check_int32_extent(1, 2**16, 2**15)
+
+
+def test_scaling_and_dropout_must_be_numbers(layer):
+    packed, state, _, a, b, _, x = layer
+    for bad in (None, "2.0", torch.ones(2)):
+        with pytest.raises(TypeError, match="scaling must be a number"):
+            lk.qlora_linear(x, packed, state, a, b, bad)
+        with pytest.raises(TypeError, match="dropout_p must be a number"):
+            lk.qlora_linear(x, packed, state, a, b, 1.0, dropout_p=bad, training=True)
+    with pytest.raises(ValueError, match="scaling must be finite, got nan"):
+        lk.qlora_linear(x, packed, state, a, b, float("nan"))
+    y = lk.qlora_linear(x, packed, state, a, b, torch.tensor(2.0))
+    assert torch.equal(y, lk.qlora_linear(x, packed, state, a, b, 2))

@@ -16,6 +16,7 @@ The reference path (CPU default) runs the same equations in plain PyTorch (lora_
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -277,8 +278,19 @@ def _check_common(x, n, k, lora_A, lora_B, bias, dropout_p, device, what):
     if bad:
         raise ValueError(f"tensors on different devices: weight on {device}, " +
                          ", ".join(f"{name} on {d}" for name, d in bad.items()))
-    if not 0.0 <= float(dropout_p) < 1.0:
+    if not 0.0 <= _number("dropout_p", dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _number(name, value):
+    """A Python number or one-element tensor as a float; anything else is a TypeError naming the argument."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(value).__name__}"
+                        + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else "")) from exc
 
 
 def _draw_seed(dropout_p, training, lora_A):
@@ -289,9 +301,12 @@ def _draw_seed(dropout_p, training, lora_A):
 
 
 def _run(x, k, n, weight, qmeta, qints, lora_A, lora_B, scaling, bias, dropout_p, training):
+    scaling = _number("scaling", scaling)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
     p, seed = _draw_seed(dropout_p, training, lora_A)
     x2 = x.reshape(-1, k)
-    y, _ = _linear_fwd(x2, weight, qmeta, qints, lora_A, lora_B, bias, float(scaling), p, seed)
+    y, _ = _linear_fwd(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
     return y.reshape(*x.shape[:-1], n)
 
 
