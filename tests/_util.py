@@ -1,4 +1,6 @@
 """Shared helpers of the kernel tests: quantized weights, error bounds."""
+import copy
+
 import bitsandbytes.functional as bnbF
 import torch
 
@@ -10,7 +12,15 @@ def quantized(n, k, *, dtype=torch.bfloat16, quant_type="nf4", nested=True, bloc
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(device)
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                        compress_statistics=nested, quant_storage=quant_storage)
-    return packed, state, bnbF.dequantize_4bit(packed, state)
+    return packed, state, bnb_dequantize(packed, state)
+
+
+def bnb_dequantize(packed, state):
+    """bitsandbytes' dequantize_4bit of the flat weight, reshaped: its CPU decode of the 2-D shape is wrong
+    when in_features % 16 == 0 but in_features % blocksize != 0 (0.50.2; test_nf4.py shows it)."""
+    flat = copy.copy(state)
+    flat.shape = torch.Size([state.shape.numel()])
+    return bnbF.dequantize_4bit(packed, flat).view(state.shape)
 
 
 def max_err(a, b):
