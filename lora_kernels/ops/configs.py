@@ -16,7 +16,9 @@ import os
 import triton
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). bf16 / fp16 activations: tensor-core tiles (HGMMA on
-# sm_90 from 64 rows); 16-row tiles serve M <= 16.
+# sm_90 from 64 rows); 16-row tiles serve M <= 16, where streaming W is the whole cost: 16x32 tiles launch
+# twice the CTAs of 16x64 (256 for 8192 outputs on 132 SMs), more loads in flight; the autotuner measures
+# which wins per shape (16x32x256 spilled on sm_90, so BLOCK_K stays at 128).
 GEMM_CONFIGS = [
     (128, 128, 64, 8, 3),
     (128, 64, 64, 8, 3),
@@ -24,15 +26,17 @@ GEMM_CONFIGS = [
     (64, 64, 64, 4, 4),
     (16, 64, 128, 4, 4),
     (16, 128, 64, 4, 4),
+    (16, 32, 128, 4, 4),
 ]
 # bf16 / fp16 with 4-bit weights of odd in_features (PAIRED false, forward and backward): decode_4bit
 # gathers a byte and an fp32 scale per W element, and the pipeliner stages those gathers in shared memory
 # (about twice _smem_estimate). GEMM_CONFIGS' 64x128 W tiles spilled or exceeded sm_80's 163 KiB there
-# (16x128x64, 64x128x64, 128x128x64), so W tiles of at most 64x64, with a 16-row tile of its own for M <= 16.
+# (16x128x64, 64x128x64, 128x128x64), so W tiles of at most 64x64, with 16-row tiles of its own for M <= 16.
 ODD_K_GEMM_CONFIGS = [
     (128, 64, 64, 8, 3),
     (64, 64, 64, 4, 4),
     (16, 64, 64, 4, 4),
+    (16, 32, 64, 4, 4),
 ]
 # fp32 activations (dense or 4-bit, any K): common.mma takes exact ieee products, an FFMA GEMM that holds the
 # fp32 operand fragments in registers next to the accumulator, so the 16-bit tiles spill (every 4-bit one,
