@@ -117,8 +117,8 @@ def build(spec, provider, r, log=print):
     return step, label, spec.batch_size * spec.seq_len, (peft_model, optimizer, ids, losses)
 
 
-# (patched variant, the stock variant it replaces)
-PARITY_PAIRS = (("lora_kernels", "peft_bnb"), ("lora_kernels_bf16", "peft_bf16"))
+# patched variant -> the stock variant it replaces
+PARITY_PAIRS = {"lora_kernels": "peft_bnb", "lora_kernels_bf16": "peft_bf16"}
 
 
 def loss_parity(train_losses) -> list:
@@ -127,7 +127,7 @@ def loss_parity(train_losses) -> list:
     train_losses: {(provider, r): [loss of each step, warm-up included]}."""
     out = []
     for (provider, r), mine in sorted(train_losses.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        stock = dict(PARITY_PAIRS).get(provider)
+        stock = PARITY_PAIRS.get(provider)
         theirs = train_losses.get((stock, r))
         if stock is None or not theirs or len(theirs) != len(mine):
             continue

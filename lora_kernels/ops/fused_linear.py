@@ -80,8 +80,9 @@ def _check_int32_extent(m, n, k):
 
 def _int32_span(t):
     """t, or a contiguous copy when its strides reach 2^31 elements or more (a view into a huge buffer):
-    the kernels' int32 offsets would wrap there. A contiguous copy spans numel, which _check_int32_extent bounds."""
-    if t is None or t.numel() == 0:
+    the kernels' int32 offsets would wrap there. A tensor of 2^31 elements or more is left to
+    _check_int32_extent's error rather than copied first."""
+    if t is None or t.numel() == 0 or t.numel() >= 2**31:
         return t
     span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
     return t.contiguous() if span >= 2**31 else t
@@ -93,9 +94,6 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
     m = x.shape[0]
     n = qints[0]
     _check_int32_extent(m, n, qints[1])
-    x = _int32_span(x)
-    if not _is_4bit(qints):
-        weight = _int32_span(weight)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     xa = b = None
     if lora_A is not None:
@@ -123,8 +121,6 @@ def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, se
 
     m = dy.shape[0]
     k = qints[1]
-    if not _is_4bit(qints):
-        weight = _int32_span(weight)
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     lora = dict(left=dxa, right=a, right_strides=(a.stride(0), a.stride(1)) if a is not None else None,
                 scaling=scaling, dropout_p=dropout_p if dxa is not None else 0.0, seed=seed)
@@ -197,7 +193,7 @@ def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: 
                 if dropout_p > 0.0:
                     from .fused_linear_kernels import launch_lora_grad_a
 
-                    d_a = (launch_lora_grad_a(dxa, _int32_span(x), dropout_p, seed_value) * scaling).to(lora_A.dtype)
+                    d_a = (launch_lora_grad_a(dxa, x, dropout_p, seed_value) * scaling).to(lora_A.dtype)
                 else:
                     d_a = ((dxa.t() @ x) * scaling).to(lora_A.dtype)
                 d_b = ((dy.t() @ xa) * scaling).to(lora_B.dtype)
@@ -305,7 +301,7 @@ def _run(x, k, n, weight, qmeta, qints, lora_A, lora_B, scaling, bias, dropout_p
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")
     p, seed = _draw_seed(dropout_p, training, lora_A)
-    x2 = x.reshape(-1, k)
+    x2 = _int32_span(x.reshape(-1, k))  # the op saves this x for backward, so both directions read it safely
     y, _ = _linear_fwd(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
     return y.reshape(*x.shape[:-1], n)
 
@@ -338,4 +334,5 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, *, bias=None, dropout_p=0.0,
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight requires grad, but the fused op gives the base weight no gradient (LoRA keeps it "
                          "frozen): freeze it with weight.requires_grad_(False) or pass weight.detach()")
-    return _run(x, k, n, weight.detach(), [], [n, k, 0, 0], lora_A, lora_B, scaling, bias, dropout_p, training)
+    return _run(x, k, n, _int32_span(weight.detach()), [], [n, k, 0, 0], lora_A, lora_B, scaling, bias, dropout_p,
+                training)
