@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from .errors import FallbackWarning
 
@@ -59,12 +60,15 @@ class PatchReport:
                an active LoRA variant, bitsandbytes' CPU-repacked weight...), fall back to PEFT's forward at
                run time; they switch to the fused ops by themselves once that state changes.
     kinds:     {name: "Linear4bit" | "Linear"} for the patched layers.
+    unpatched: names of layers that an earlier call patched and this call restored to PEFT's forward, because
+               a reason in `skipped` applies to them now (a hook added to the base layer since, ...).
     """
 
     patched: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
     fallbacks: dict = field(default_factory=dict)
     kinds: dict = field(default_factory=dict)
+    unpatched: list = field(default_factory=list)
 
     def __str__(self) -> str:
         total = len(self.patched) + len(self.skipped)
@@ -82,6 +86,10 @@ class PatchReport:
             for reason, names in by_reason.items():
                 more = f" and {len(names) - 1} more" if len(names) > 1 else ""
                 lines.append(f"    {len(names)} x {reason} (e.g. {names[0]}{more})")
+        if self.unpatched:
+            more = f" and {len(self.unpatched) - 1} more" if len(self.unpatched) > 1 else ""
+            lines.append(f"  un-patched now (patched before, skipped for the reason above): {len(self.unpatched)} "
+                         f"(e.g. {self.unpatched[0]}{more})")
         return "\n".join(lines)
 
 
@@ -143,6 +151,21 @@ def _adapter_reason(self, name):
     return None
 
 
+def _module_hooked(module):
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
+                module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _adapter_hooks_reason(self, name):
+    """The fused op reads lora_A/lora_B weights directly and never calls those modules or the dropout module:
+    a hook or an instance forward on one of them would be skipped."""
+    for part in ("lora_A", "lora_B", "lora_dropout"):
+        if _module_hooked(getattr(self, part)[name]):
+            return f"adapter {name!r}'s {part} module has hooks or an overridden forward (the fused op would " \
+                   "bypass them)"
+    return None
+
+
 def _lora_terms(self):
     """(A, B, scaling, dropout_p) for the active adapters, _NO_LORA without any, or a reason string."""
     lora_A = self.lora_A
@@ -152,7 +175,7 @@ def _lora_terms(self):
         name = names[0]
         if name not in lora_A:
             return _NO_LORA
-        reason = _adapter_reason(self, name)
+        reason = _adapter_reason(self, name) or _adapter_hooks_reason(self, name)
         if reason is not None:
             return reason
         p = _dropout_p(self.lora_dropout[name])
@@ -164,7 +187,7 @@ def _lora_terms(self):
         return _NO_LORA
     a_list, b_list, p_common = [], [], None
     for name in names:
-        reason = _adapter_reason(self, name)
+        reason = _adapter_reason(self, name) or _adapter_hooks_reason(self, name)
         if reason is not None:
             return reason
         p = _dropout_p(self.lora_dropout[name])
@@ -199,6 +222,27 @@ def _quant_state(base):
     return weight, state
 
 
+_HOOKED = "the base layer has forward or backward hooks (the fused forward would bypass them)"
+_BASE_OVERRIDDEN = "the base layer's forward is overridden (an accelerate offload hook or another patch)"
+_GLOBAL_HOOKED = "a global module forward or backward hook is registered (the fused forward would bypass it on " \
+                 "the base layer)"
+
+
+def _hooks_reason(base):
+    """Why calling the base layer's own forward directly would skip something PyTorch runs around it: hooks on
+    the base layer, global module hooks, or an instance forward (accelerate's offload hook sets one). None when
+    nothing would be skipped. Cheap enough to run at every call: a few dict lookups."""
+    if "forward" in base.__dict__ or getattr(base, "_hf_hook", None) is not None:
+        return _BASE_OVERRIDDEN
+    if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+        return _HOOKED
+    g = _nn_module
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks or \
+            g._global_backward_pre_hooks:
+        return _GLOBAL_HOOKED
+    return None
+
+
 _REPACKED = ("the 4-bit weight is in bitsandbytes' CPU-repacked layout (made by a no-grad eval forward of "
              "bitsandbytes' Linear4bit on an AVX512-BF16 CPU)")
 
@@ -224,6 +268,9 @@ def _forward_4bit(self, x, *args, **kwargs):
     if terms.__class__ is str:
         return _fallback(self, terms, x, args, kwargs)
     base = self.base_layer
+    hooked = _hooks_reason(base)  # hooks added after patching: PEFT's forward runs them
+    if hooked is not None:
+        return _fallback(self, hooked, x, args, kwargs)
     weight, state = _quant_state(base)
     if getattr(state, "packing_format_for_cpu", False):
         return _fallback(self, _REPACKED, x, args, kwargs)
@@ -252,6 +299,9 @@ def _forward_dense(self, x, *args, **kwargs):
     if terms.__class__ is str:
         return _fallback(self, terms, x, args, kwargs)
     base = self.base_layer
+    hooked = _hooks_reason(base)
+    if hooked is not None:
+        return _fallback(self, hooked, x, args, kwargs)
     weight = base.weight
     if weight.requires_grad:
         return _fallback(self, "the base weight requires grad (the fused op never gives W a gradient)", x, args,
@@ -284,15 +334,14 @@ def _ops():
 
 def _static_reason(module, kind):
     """Why this layer can never take the fast path as it stands (None when it can)."""
-    if "forward" in module.__dict__ and _MARK not in module.__dict__:
+    if "forward" in module.__dict__ and not _is_ours(module.__dict__["forward"]):
         return "the layer's forward is already overridden by something else"
     base = module.base_layer
     if base is not module.get_base_layer():
         return f"nested adapter layers (base layer is a {type(base).__name__})"
-    if "forward" in base.__dict__ or getattr(base, "_hf_hook", None) is not None:
-        return "the base layer's forward is overridden (an accelerate offload hook or another patch)"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return "the base layer has forward hooks (the fused forward would bypass them)"
+    hooked = _hooks_reason(base)
+    if hooked is not None and hooked is not _GLOBAL_HOOKED:  # global hooks may go away: checked per call
+        return hooked
     if kind == "Linear4bit":
         bnb_cls = _bnb_linear4bit()
         if bnb_cls is None or not isinstance(base, bnb_cls) or type(base).forward is not bnb_cls.forward:
@@ -324,6 +373,9 @@ def _current_reason(module, kind):
         return "adapters are disabled"
     if module.merged_adapters:
         return "adapters are merged into the base weight"
+    hooked = _hooks_reason(module.base_layer)  # only global hooks get here: the rest are static reasons
+    if hooked is not None:
+        return hooked
     terms = _lora_terms(module)
     if isinstance(terms, str):
         return terms
@@ -375,6 +427,8 @@ def patch_peft_model(model) -> PatchReport:
             continue
         reason = _static_reason(module, kind)
         if reason is not None:
+            if _unpatch_module(module):  # patched earlier; a reason applies now (a hook added since, ...)
+                report.unpatched.append(name)
             report.skipped[name] = reason
             continue
         if _MARK not in module.__dict__:
@@ -402,11 +456,17 @@ def unpatch_peft_model(model) -> list:
     return names
 
 
+def _is_ours(forward) -> bool:
+    return getattr(forward, "__func__", None) in (_forward_4bit, _forward_dense)
+
+
 def _unpatch_module(module) -> bool:
     d = module.__dict__
     if _MARK not in d:
         return False
-    for key in ("forward", _MARK, _NAME, _WARNED):
+    if _is_ours(d.get("forward")):  # an instance forward someone set over ours stays theirs
+        del d["forward"]
+    for key in (_MARK, _NAME, _WARNED):
         d.pop(key, None)
     return True
 
