@@ -228,7 +228,9 @@ def _cuobjdump(flag, cubin_path):
                           text=True).stdout
 
 
-def compile_case(case):
+def build(case):
+    """(compiled kernel, ptxas -v log, cuobjdump --dump-resource-usage text, --dump-sass text) of one case;
+    raises what triton.compile raises. compile_case and benchmarks/static_model.py read this."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -237,34 +239,40 @@ def compile_case(case):
 
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
-    res = dict(id=case["id"], ok=False, error=None)
     log = io.StringIO()
+    fn = _kernel(case["kernel"])
+    sig, consts, attrs = specialize(fn, case["args"], case["constexprs"])
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    with contextlib.redirect_stdout(log):  # triton prints ptxas -v's log there
+        k = triton.compile(src, target=GPUTarget("cuda", case["arch"], 32),
+                           options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    try:
+        usage = _cuobjdump("--dump-resource-usage", f.name)
+        sass = _cuobjdump("--dump-sass", f.name)
+    finally:
+        os.remove(f.name)
+    return k, log.getvalue(), usage, sass
+
+
+def compile_case(case):
+    res = dict(id=case["id"], ok=False, error=None)
     t0 = time.perf_counter()
     try:
-        fn = _kernel(case["kernel"])
-        sig, consts, attrs = specialize(fn, case["args"], case["constexprs"])
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        with contextlib.redirect_stdout(log):  # triton prints ptxas -v's log there
-            k = triton.compile(src, target=GPUTarget("cuda", case["arch"], 32),
-                               options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
+        k, log, usage_text, sass = build(case)
     except Exception as e:  # noqa: BLE001  the failure is the result
         msg = f"{type(e).__name__}: {e}"
         res["error"] = msg[:2000]
         return res
     res["shared"] = int(k.metadata.shared)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    try:
-        usage = RES_RE.search(_cuobjdump("--dump-resource-usage", f.name))
-        sass = _cuobjdump("--dump-sass", f.name)
-    finally:
-        os.remove(f.name)
+    usage = RES_RE.search(usage_text)
     if usage is None:
         res["error"] = "no REG/STACK/LOCAL line in cuobjdump --dump-resource-usage"
         return res
     res["regs"], res["stack"], res["cubin_shared"], res["local"] = map(int, usage.groups())
     ops = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass, re.M)
-    spill = SPILL_RE.search(log.getvalue())
+    spill = SPILL_RE.search(log)
     if spill is None:
         res["error"] = "no spill line in ptxas -v's log (TRITON_DUMP_PTXAS_LOG)"
         return res
