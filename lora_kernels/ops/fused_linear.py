@@ -52,7 +52,7 @@ def _dense_weight(weight, qmeta, qints, dtype):
         from .dequant import dequantize_4bit_triton
 
         return dequantize_4bit_triton(q, dtype)
-    return reference.dequantize_4bit_ref(q, dtype)
+    return reference.dequantize_4bit_cpu(q, dtype)  # dequantize_4bit_ref's bits, bitsandbytes' speed where it can
 
 
 def _no_autocast(device: torch.device):
@@ -89,11 +89,12 @@ def _int32_span(t):
 
 
 def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear, launch_lora_down
+    from .fused_linear_kernels import (BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear, launch_lora_down,
+                                       launch_qlora_fwd)
 
     m = x.shape[0]
-    n = qints[0]
-    _check_int32_extent(m, n, qints[1])
+    n, k = qints[0], qints[1]
+    _check_int32_extent(m, n, k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     xa = b = None
     if lora_A is not None:
@@ -106,18 +107,19 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
         torch.mm(x, w.t(), out=out)
         if xa is not None or bias is not None:
             launch_fused_linear(x, None, (0, 0), BASE_NONE, out, acc_in=True, **lora)
+    elif _is_4bit(qints) and k % 2 == 0:
+        launch_qlora_fwd(x, _quant_from_parts(weight, qmeta, qints), out, xa=xa, b=b, bias=bias, scaling=scaling)
     elif _is_4bit(qints):
         q = _quant_from_parts(weight, qmeta, qints)
-        launch_fused_linear(x, q.packed, (1, q.shape[1]), BASE_4BIT, out, code=q.code,
-                            scales=block_scales(q).contiguous(), blocksize=q.blocksize, k_w=q.shape[1],
-                            w_trans=True, **lora)
+        launch_fused_linear(x, q.packed, (1, k), BASE_4BIT, out, code=q.code, scales=block_scales(q).contiguous(),
+                            blocksize=q.blocksize, **lora)
     else:
         launch_fused_linear(x, weight, (weight.stride(1), weight.stride(0)), BASE_DENSE, out, **lora)
     return out, xa
 
 
 def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, seed):
-    from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear
+    from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear, launch_qlora_dx
 
     m = dy.shape[0]
     k = qints[1]
@@ -128,11 +130,13 @@ def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, se
         torch.mm(dy, _dense_weight(weight, qmeta, qints, dy.dtype), out=dx)
         if dxa is not None:
             launch_fused_linear(dy, None, (0, 0), BASE_NONE, dx, acc_in=True, **lora)
+    elif _is_4bit(qints) and k % 2 == 0:
+        launch_qlora_dx(dy, _quant_from_parts(weight, qmeta, qints), dx, dxa=dxa, a=a, scaling=scaling,
+                        dropout_p=lora["dropout_p"], seed=seed)
     elif _is_4bit(qints):
         q = _quant_from_parts(weight, qmeta, qints)
-        launch_fused_linear(dy, q.packed, (q.shape[1], 1), BASE_4BIT, dx, code=q.code,
-                            scales=block_scales(q).contiguous(), blocksize=q.blocksize, k_w=q.shape[1],
-                            w_trans=False, **lora)
+        launch_fused_linear(dy, q.packed, (k, 1), BASE_4BIT, dx, code=q.code, scales=block_scales(q).contiguous(),
+                            blocksize=q.blocksize, **lora)
     else:
         launch_fused_linear(dy, weight, (weight.stride(0), weight.stride(1)), BASE_DENSE, dx, **lora)
     return dx
@@ -155,7 +159,8 @@ def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor]
             y, xa = _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed_value or 0)
         else:
             w = _dense_weight(weight, qmeta, qints, x.dtype)
-            y, xa = reference.lora_linear_fwd_ref(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed_value)
+            y, xa = reference.lora_linear_fwd_ref(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed_value,
+                                                  mask=reference.cpu_mask_kind())
         return y, (xa if xa is not None else x.new_empty((0,)))
 
 
@@ -200,7 +205,7 @@ def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: 
         else:
             w = _dense_weight(weight, qmeta, qints, dy.dtype)
             dx, d_a, d_b = reference.lora_linear_bwd_ref(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed_value,
-                                                         need_dx=need_dx, need_lora=need_lora)
+                                                         need_dx=need_dx, need_lora=need_lora, mask=reference.cpu_mask_kind())
         # Custom-op outputs may not alias each other: a fresh empty tensor for each missing gradient.
         return tuple(g if g is not None else x.new_empty((0,)) for g in (dx, d_a, d_b))
 
