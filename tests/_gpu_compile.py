@@ -41,6 +41,7 @@ BASE_NONE, BASE_DENSE, BASE_4BIT = 0, 1, 2  # fused_linear_kernels.BASE_*, not i
 # R_BLOCK = configs.GEMM_RANK_BLOCK_MAX), dropout seeds that are neither 1 nor a multiple of 16.
 N = K = 4096
 K_ODD = 4095
+K_UNALIGNED = 4064  # even, not a multiple of BLOCKSIZE
 R = 64
 SEED = 12347
 BLOCKSIZE = 64
@@ -66,17 +67,17 @@ def _gemm_args(mode, base, dt, m):
     dropout = mode.startswith("bwd") and "nodrop" not in mode
     red, n_out = (k, N) if fwd else (N, k)
     if base == BASE_4BIT:
-        w, w_strides, code, scales, k_w = Ptr("u8"), ((1, k) if fwd else (k, 1)), Ptr("fp32"), Ptr("fp32"), k
+        w, w_strides, code, scales = Ptr("u8"), ((1, k) if fwd else (k, 1)), Ptr("fp32"), Ptr("fp32")
     elif base == BASE_DENSE:  # weight [N, K] contiguous
-        w, w_strides, code, scales, k_w = Ptr(dt), ((1, k) if fwd else (k, 1)), Ptr(dt), Ptr(dt), 0
+        w, w_strides, code, scales = Ptr(dt), ((1, k) if fwd else (k, 1)), Ptr(dt), Ptr(dt)
     else:  # epilogue only: w, code, scales are the output as dummies
-        w, w_strides, code, scales, k_w = Ptr(dt), (0, 0), Ptr(dt), Ptr(dt), 0
+        w, w_strides, code, scales = Ptr(dt), (0, 0), Ptr(dt), Ptr(dt)
     right_strides = (1, R) if fwd else (k, 1)  # B^T of B [N, R] / A [R, K]
     has_bias = fwd
     args = [
         Ptr(dt), red, 1,
         w, *w_strides,
-        code, scales, k_w,
+        code, scales,
         Ptr(dt), R, 1,
         Ptr(dt), *right_strides,
         Ptr(dt),
@@ -86,21 +87,52 @@ def _gemm_args(mode, base, dt, m):
     ]
     flags = dict(BASE=base, HAS_LORA=True, HAS_BIAS=has_bias, ACC_IN=base == BASE_NONE, DROPOUT=dropout,
                  UPCAST=False, R_BLOCK=_rank_block(R, configs.GEMM_RANK_BLOCK_MAX),
-                 BS_SHIFT=BLOCKSIZE.bit_length() - 1 if base == BASE_4BIT else 0,
-                 PAIRED=base == BASE_4BIT and k % 2 == 0, W_TRANS=fwd and base == BASE_4BIT,
-                 K_ALIGNED=base == BASE_4BIT and k % BLOCKSIZE == 0)
+                 BS_SHIFT=BLOCKSIZE.bit_length() - 1 if base == BASE_4BIT else 0)
     return args, flags
 
 
-# (mode, BASE): fwd = y = x W^T + s (xa) B^T + bias; fwd-M1 = the same at M = 1 (decode: M and M_BUCKET are
-# specialized to constexpr 1, only BLOCK_M = 16 configs); bwd = dx = dy W + s drop'(dxa A), dropout on;
-# bwd-nodrop = the same without dropout; *-oddK = odd in_features (PAIRED false: per-element 4-bit decode,
-# configs.ODD_K_GEMM_CONFIGS for 16-bit activations); epi-* = the BASE=0 epilogue after cuBLAS on the dequant
-# path (ACC_IN).
+def _weight_ptrs():
+    """packed, code, absmax, code2, absmax2, offset of a double-quantized weight (bitsandbytes' QLoRA default)."""
+    return [Ptr("u8"), Ptr("fp32"), Ptr("u8"), Ptr("fp32"), Ptr("fp32"), Ptr("fp32")]
+
+
+def _qlora_fwd_args(mode, dt, m, tile):
+    """_qlora_fwd_kernel as launch_qlora_fwd passes it: 16-bit x as int32 K pairs. 'unaligned': an even K that
+    is not a multiple of the blocksize (a scale per byte)."""
+    k = K_UNALIGNED if "unaligned" in mode else K
+    pairs = DTYPES[dt] == 2
+    x, sxm = (Ptr("i32"), k // 2) if pairs else (Ptr(dt), k)
+    args = [x, sxm, 1, *_weight_ptrs(), Ptr(dt), R, 1, Ptr(dt), R, 1, Ptr(dt), Ptr(dt), N, 1,
+            m, N, k, R, configs.m_bucket(m), DTYPES[dt], 0.25]
+    aligned = k % BLOCKSIZE == 0
+    flags = dict(HAS_LORA=True, HAS_BIAS=True, NESTED=True, BS_SHIFT=BLOCKSIZE.bit_length() - 1, BS2=256,
+                 ROW_SCALE=aligned, SUB_K=min(tile["BLOCK_K"], BLOCKSIZE) if aligned else tile["BLOCK_K"],
+                 X_PAIRS=pairs, UPCAST=False, R_BLOCK=_rank_block(R, configs.GEMM_RANK_BLOCK_MAX))
+    return args, flags
+
+
+def _qlora_dx_args(mode, dt, m, tile):
+    """_qlora_dx_kernel as launch_qlora_dx passes it (dropout on unless 'nodrop')."""
+    k = K_UNALIGNED if "unaligned" in mode else K
+    dropout = "nodrop" not in mode
+    args = [Ptr(dt), N, 1, *_weight_ptrs(), Ptr(dt), R, 1, Ptr(dt), k, 1, Ptr(dt), k, 1,
+            m, N, k, R, configs.m_bucket(m), DTYPES[dt], 0.25, 0.1 if dropout else 0.0, SEED if dropout else 0]
+    flags = dict(HAS_LORA=True, DROPOUT=dropout, NESTED=True, BS_SHIFT=BLOCKSIZE.bit_length() - 1, BS2=256,
+                 ROW_SCALE=k % BLOCKSIZE == 0 and tile["BLOCK_N"] <= BLOCKSIZE, UPCAST=False,
+                 R_BLOCK=_rank_block(R, configs.GEMM_RANK_BLOCK_MAX))
+    return args, flags
+
+
+# (kernel, mode, launch kind): the generic kernel's modes as before (fwd, fwd-M1 = decode at M = 1 with M and
+# M_BUCKET specialized to constexpr 1, bwd with dropout, bwd-nodrop, *-oddK = odd in_features); the 4-bit
+# kernels for even in_features, forward and dx, K aligned to the blocksize or not.
 GEMM_MODES = [
-    ("fwd", BASE_DENSE), ("fwd-M1", BASE_DENSE), ("bwd", BASE_DENSE), ("bwd-nodrop", BASE_DENSE),
-    ("fwd", BASE_4BIT), ("fwd-M1", BASE_4BIT), ("bwd", BASE_4BIT), ("bwd-nodrop", BASE_4BIT), ("fwd-oddK", BASE_4BIT),
-    ("bwd-oddK", BASE_4BIT), ("bwd-nodrop-oddK", BASE_4BIT),
+    ("fused_linear/dense", "fwd", "dense"), ("fused_linear/dense", "fwd-M1", "dense"),
+    ("fused_linear/dense", "bwd", "dense"), ("fused_linear/dense", "bwd-nodrop", "dense"),
+    ("fused_linear/4bit", "fwd-oddK", "4bit_odd"), ("fused_linear/4bit", "bwd-oddK", "4bit_odd"),
+    ("fused_linear/4bit", "bwd-nodrop-oddK", "4bit_odd"),
+    ("qlora_fwd", "fwd", "qlora_fwd"), ("qlora_fwd", "fwd-M1", "qlora_fwd"), ("qlora_fwd", "fwd-unaligned", "qlora_fwd"),
+    ("qlora_dx", "bwd", "qlora_dx"), ("qlora_dx", "bwd-nodrop", "qlora_dx"), ("qlora_dx", "bwd-unaligned", "qlora_dx"),
 ]
 EPILOGUE_MODES = ["epi-fwd", "epi-bwd"]
 
@@ -120,8 +152,8 @@ def cases():
     for arch in ARCHS:
         for dt in DTYPES:
             def tc(block_m):
-                """Tensor-core instructions the SASS must hold: Hopper's HGMMA (warpgroup MMA, needs 64 rows)
-                or at least HMMA on sm_90, HMMA on sm_80. fp32 operands take exact (ieee) products by design
+                """Tensor-core instructions the SASS must hold for an MMA of block_m rows: Hopper's HGMMA
+                (warpgroup MMA, needs 64 rows) or at least HMMA on sm_90, HMMA on sm_80. fp32 operands take exact (ieee) products by design
                 (common.mma): "none", no tensor-core instruction at all."""
                 if dt == "fp32":
                     return "none"
@@ -129,19 +161,26 @@ def cases():
                     return "HGMMA" if block_m >= 64 else "any"
                 return "HMMA"
 
-            for mode, base in GEMM_MODES:
-                name = "fused_linear/" + ("dense" if base == BASE_DENSE else "4bit")
+            for kernel, mode, kind in GEMM_MODES:
                 for bm, bn, bk, w, s in configs.all_gemm_configs():
                     m = 1 if mode == "fwd-M1" else 16 if bm == 16 else 512
-                    args, flags = _gemm_args(mode, base, dt, m)
+                    tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=configs.GROUP_M)
+                    if kind == "qlora_fwd":
+                        args, flags = _qlora_fwd_args(mode, dt, m, tile)
+                        mma_rows = bn  # the GEMM runs transposed: W's rows fill the MMA's M side
+                    elif kind == "qlora_dx":
+                        args, flags = _qlora_dx_args(mode, dt, m, tile)
+                        mma_rows = bm
+                    else:
+                        args, flags = _gemm_args(mode, BASE_DENSE if kind == "dense" else BASE_4BIT, dt, m)
+                        mma_rows = bm
                     # The autotuner's pruning, over every M bucket: a config is compiled when some M uses it.
-                    if not any(configs.config_allowed(bm, bn, bk, w, s, m=mm, dtype_bytes=DTYPES[dt],
-                                                      dropout=flags["DROPOUT"], paired=flags["PAIRED"], base=base,
-                                                      w_trans=flags["W_TRANS"], arch=arch)
+                    if not any(configs.config_allowed(bm, bn, bk, w, s, m=mm, kind=kind, dtype_bytes=DTYPES[dt],
+                                                      dropout=flags["DROPOUT"] if "DROPOUT" in flags else False,
+                                                      arch=arch)
                                for mm in ((1,) if m == 1 else M_BUCKETS)):
                         continue
-                    tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=configs.GROUP_M)
-                    add(name, mode, dt, _config_str(tile, w, s), arch, args, {**flags, **tile}, w, s, tc(bm))
+                    add(kernel, mode, dt, _config_str(tile, w, s), arch, args, {**flags, **tile}, w, s, tc(mma_rows))
             e = configs.epilogue_config(DTYPES[dt])
             w, s = e.pop("num_warps"), e.pop("num_stages")
             for mode in EPILOGUE_MODES:
@@ -207,7 +246,8 @@ def _kernel(name):
     from lora_kernels.ops import dequant, fused_linear_kernels as flk
 
     fn = {"lora_down": flk._lora_down_kernel, "lora_grad_a": flk._lora_grad_a_kernel,
-          "dequantize_4bit": dequant._dequantize_4bit_kernel}.get(name, flk._fused_linear_kernel)
+          "dequantize_4bit": dequant._dequantize_4bit_kernel, "qlora_fwd": flk._qlora_fwd_kernel,
+          "qlora_dx": flk._qlora_dx_kernel}.get(name, flk._fused_linear_kernel)
     from triton.runtime.jit import JITFunction
 
     while not isinstance(fn, JITFunction) and isinstance(getattr(fn, "fn", None), (JITFunction,)):
@@ -287,7 +327,7 @@ def compile_case(case):
 
 def _cost(case):
     """Rough compile seconds on one CPU core (the 4-bit decode GEMMs take longest)."""
-    return {"fused_linear/4bit": 2.5, "fused_linear/dense": 1.5}.get(case["kernel"], 1.0)
+    return {"fused_linear/4bit": 2.5, "qlora_fwd": 2.5, "qlora_dx": 2.5, "fused_linear/dense": 1.5}.get(case["kernel"], 1.0)
 
 
 def main(ids):

@@ -28,7 +28,7 @@ GEMM_CONFIGS = [
     (16, 128, 64, 4, 4),
     (16, 32, 128, 4, 4),
 ]
-# bf16 / fp16 with 4-bit weights of odd in_features (PAIRED false, forward and backward): decode_4bit
+# bf16 / fp16 with 4-bit weights of odd in_features (kind 4bit_odd, forward and backward): decode_4bit
 # gathers a byte and an fp32 scale per W element, and the pipeliner stages those gathers in shared memory
 # (about twice _smem_estimate). GEMM_CONFIGS' 64x128 W tiles spilled or exceeded sm_80's 163 KiB there
 # (16x128x64, 64x128x64, 128x128x64), so W tiles of at most 64x64, with 16-row tiles of its own for M <= 16.
@@ -49,8 +49,8 @@ FP32_GEMM_CONFIGS = [
     (16, 64, 16, 4, 3),
     (16, 32, 32, 4, 3),
 ]
-# Pre-Hopper only (found on sm_80 by the compile test): the 4-bit backward (W_TRANS false, mma.sync) spills
-# 4 B at 64x128x64 w4 with 255 registers; the same tile is clean on sm_90 (wgmma).
+# Pre-Hopper only (found on sm_80 by the compile test): the 4-bit dx (mma.sync) spills 4 B at 64x128x64 w4
+# with 255 registers; the same tile is clean on sm_90 (wgmma).
 PRE_HOPPER_4BIT_BWD_EXCLUDED = {(64, 128, 64, 4, 4)}
 # The backward dropout epilogue keeps a second fp32 accumulator and Philox state per element: tiles with
 # more than this many output elements per thread spill registers there (sm_90 compile, tests/test_gpu_compile.py).
@@ -99,11 +99,16 @@ def _smem_estimate(bm, bn, bk, stages, elem_bytes=2):
     return stages * (bm * bk + bk * bn) * elem_bytes
 
 
-def gemm_candidates(dtype_bytes=2, paired=True, base=2):
+# Launch kinds: the generic kernel with a dense W ("dense") or a 4-bit W of odd in_features ("4bit_odd"),
+# and the 4-bit kernels for even in_features, forward ("qlora_fwd") and dx ("qlora_dx").
+KINDS = ("dense", "4bit_odd", "qlora_fwd", "qlora_dx")
+
+
+def gemm_candidates(dtype_bytes=2, kind="dense"):
     """The GEMM config list a launch draws from: fp32, odd-K 4-bit (16-bit activations) or 16-bit."""
     if dtype_bytes == 4:
         return FP32_GEMM_CONFIGS
-    if base == 2 and not paired:
+    if kind == "4bit_odd":
         return ODD_K_GEMM_CONFIGS
     return GEMM_CONFIGS
 
@@ -130,20 +135,21 @@ def epilogue_config(dtype_bytes=2):
     return dict(FP32_EPILOGUE_CONFIG if dtype_bytes == 4 else EPILOGUE_CONFIG)
 
 
-def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, dtype_bytes=2, dropout=False, paired=True, base=2,
-                   w_trans=True, arch=None):
+def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, kind, dtype_bytes=2, dropout=False, arch=None):
     """Whether a GEMM tile config is a candidate for this launch (the same rules the compile test checks).
 
     arch: the GPU's compute capability as major * 10 + minor (90 for H100), None when unknown (no
     arch-specific pruning)."""
     cfg = (bm, bn, bk, num_warps, num_stages)
-    if cfg not in gemm_candidates(dtype_bytes, paired, base):
+    if cfg not in gemm_candidates(dtype_bytes, kind):
         return False
     if _smem_estimate(bm, bn, bk, num_stages, 4 if dtype_bytes == 4 else 2) > SHARED_MEMORY_LIMIT:
         return False
     if dropout and bm * bn > DROPOUT_MAX_ELEMS_PER_THREAD * 32 * num_warps:
         return False
-    if arch is not None and arch < 90 and base == 2 and not w_trans and cfg in PRE_HOPPER_4BIT_BWD_EXCLUDED:
+    if kind == "qlora_fwd" and bk < 32:  # the forward reduces over even and odd K apart: BLOCK_K / 2 >= 16
+        return False
+    if arch is not None and arch < 90 and kind == "qlora_dx" and cfg in PRE_HOPPER_4BIT_BWD_EXCLUDED:
         return False
     if m <= 16:
         return bm == 16
@@ -161,14 +167,18 @@ def device_arch(t):
     return major * 10 + minor
 
 
-def prune_gemm_configs(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    arch = device_arch(args.get("out_ptr"))
-    keep = [c for c in configs
-            if config_allowed(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                              c.num_stages, m=args["M"], dtype_bytes=args.get("DTYPE_BYTES", 2),
-                              dropout=bool(args.get("DROPOUT", False)), paired=bool(args.get("PAIRED", True)),
-                              base=args.get("BASE", 2), w_trans=bool(args.get("W_TRANS", True)), arch=arch)]
-    if not keep:
-        raise RuntimeError(f"no GEMM config fits this launch (M={args['M']}); configs.py needs a candidate for it")
-    return keep
+def prune_for(kind):
+    """The autotuner's early_config_prune for a kernel: `kind` is a KINDS entry, or "generic" (the generic
+    kernel, whose BASE says dense or 4bit_odd)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        launch_kind = ("4bit_odd" if args.get("BASE") == 2 else "dense") if kind == "generic" else kind
+        out = args.get("out_ptr", args.get("dx_ptr"))
+        keep = [c for c in configs
+                if config_allowed(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                  c.num_stages, m=args["M"], kind=launch_kind, dtype_bytes=args.get("DTYPE_BYTES", 2),
+                                  dropout=bool(args.get("DROPOUT", False)), arch=device_arch(out))]
+        if not keep:
+            raise RuntimeError(f"no GEMM config fits this {launch_kind} launch (M={args['M']}); configs.py needs one")
+        return keep
+    return prune

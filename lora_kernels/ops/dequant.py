@@ -1,4 +1,5 @@
-"""4-bit (NF4/FP4) -> dense dequantization, bit-identical to bitsandbytes on CUDA."""
+"""4-bit (NF4/FP4) decoding: jit helpers shared by the GEMM kernels, and dense dequantization (bit-identical
+to bitsandbytes on CUDA)."""
 import torch
 import triton
 import triton.language as tl
@@ -7,32 +8,36 @@ from ..nf4 import Quant4bit, block_scales
 
 
 @triton.jit
+def block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, NESTED: tl.constexpr,
+                BS2: tl.constexpr):
+    """fp32 absmax of the 4-bit blocks `block`. Double quantization is undone here, in the kernel, in
+    bitsandbytes' order (code2[absmax] * absmax2, then + offset), so no PyTorch pass runs per call."""
+    if NESTED:
+        quant = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + quant) * tl.load(absmax2_ptr + block // BS2, mask=mask, other=0.0)
+        return scale + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def decode_pair(packed, scale, code_ptr, dtype: tl.constexpr):
+    """Both elements of each packed byte: the high nibble (even element) and the low nibble (odd element),
+    each code * scale in fp32 rounded once to `dtype`, as bitsandbytes computes them. Kept as two tiles,
+    never interleaved: the GEMMs pair them with the matching even/odd halves of the other operand."""
+    even = (tl.load(code_ptr + (packed >> 4)) * scale).to(dtype)
+    odd = (tl.load(code_ptr + (packed & 0xF)) * scale).to(dtype)
+    return even, odd
+
+
+@triton.jit
 def decode_4bit(w_ptr, code_ptr, scale_ptr, flat, mask, BS_SHIFT):
     """Values of the flat elements `flat` of a packed 4-bit weight, in fp32 (code[nibble] * block scale).
-    The general case (any K): each element gathers its byte, nibble and scale."""
+    The general case (any K, e.g. odd in_features): each element gathers its byte, nibble and scale."""
     byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0)
     nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
     scale = tl.load(scale_ptr + (flat >> BS_SHIFT), mask=mask, other=0.0)
     return tl.load(code_ptr + nibble) * scale
-
-
-@triton.jit
-def decode_4bit_rows(w_ptr, code_ptr, scale_ptr, rows, col0, K, N, dtype: tl.constexpr, COLS: tl.constexpr,
-                     BS_SHIFT: tl.constexpr, K_ALIGNED: tl.constexpr):
-    """W[rows, col0:col0+COLS] in `dtype` for an even K: each packed byte is loaded once and gives two
-    neighbouring elements (high nibble first). col0 is a multiple of COLS; masked outside [0, N) x [0, K)."""
-    half = tl.arange(0, COLS // 2)
-    byte = rows[:, None] * (K // 2) + (col0 // 2 + half)[None, :]
-    mask = (rows[:, None] < N) & ((col0 // 2 + half)[None, :] < K // 2)
-    packed = tl.load(w_ptr + byte, mask=mask, other=0)
-    if K_ALIGNED and COLS <= (1 << BS_SHIFT):
-        # Rows start on block boundaries and the tile sits inside one block per row: one scale per row.
-        scale = tl.load(scale_ptr + ((rows * K + col0) >> BS_SHIFT), mask=rows < N, other=0.0)[:, None]
-    else:
-        scale = tl.load(scale_ptr + (byte >> (BS_SHIFT - 1)), mask=mask, other=0.0)
-    hi = (tl.load(code_ptr + (packed >> 4)) * scale).to(dtype)
-    lo = (tl.load(code_ptr + (packed & 0xF)) * scale).to(dtype)
-    return tl.reshape(tl.join(hi, lo), (rows.shape[0], COLS))
 
 
 @triton.jit
