@@ -1,0 +1,410 @@
+// Decode-shape (M <= 16) QLoRA forward over a bitsandbytes 4-bit weight:
+//
+//   y[m, n] = x[m, :] . decode(W)[n, :] + scaling * xa[m, :] . b[n, :] + bias[n]
+//
+// Fast kernel: a CTA owns 16 rows of W (the M side of mma.m16n8k16) and its warps split K in
+// 128-wide steps. Lane (g, t) loads 16 packed bytes (32 elements) of rows g and g+8 once, decodes
+// them in registers with PRMT over a 16-entry table (decode4bit.h), scales them with one packed
+// multiply per pair and feeds them to the tensor cores as the A operand; x (1 or 2 n8 tiles of
+// tokens) is the B operand, read through L1. Partial sums meet in shared memory, then the
+// epilogue adds the LoRA term and the bias and stores y once.
+// Generic kernel: one warp per row, element-wise exact decode; any K, alignment or blocksize.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "decode4bit.h"
+#include "lk_csrc.h"
+
+namespace {
+
+constexpr int kRows = 16;      // W rows per CTA
+constexpr int kStep = 128;     // k per warp step: 4 lanes x 32 elements
+constexpr int kMaxWarps = 16;  // warps per CTA (split-K inside the CTA)
+constexpr int kGenericWarps = 8;
+
+struct Params {
+  lk_decode_args a;
+  int log2_bs, log2_bs2;
+  uint32_t base3210;  // 0x32103210, in a register rather than folded (see lk::decode8)
+};
+
+template <bool BF16>
+struct Elem;
+template <>
+struct Elem<true> {
+  using T = __nv_bfloat16;
+  static __device__ __forceinline__ float load(const void* p, int64_t i) {
+    return __bfloat162float(static_cast<const T*>(p)[i]);
+  }
+  static __device__ __forceinline__ void store(void* p, int64_t i, float v) {
+    static_cast<T*>(p)[i] = __float2bfloat16_rn(v);
+  }
+};
+template <>
+struct Elem<false> {
+  using T = __half;
+  static __device__ __forceinline__ float load(const void* p, int64_t i) {
+    return __half2float(static_cast<const T*>(p)[i]);
+  }
+  static __device__ __forceinline__ void store(void* p, int64_t i, float v) {
+    static_cast<T*>(p)[i] = __float2half_rn(v);
+  }
+};
+
+// Read-once stream: do not displace x from L1.
+__device__ __forceinline__ uint4 ld_stream(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
+
+// (s, s) as a packed 16-bit pair.
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack_scale(float s) {
+  uint32_t d;
+  if (BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(d) : "f"(s));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %1;" : "=r"(d) : "f"(s));
+  return d;
+}
+
+// a * s per 16-bit lane, one rounding. bf16 as fma(a, s, -0) so sm_80 has one instruction too.
+template <bool BF16>
+__device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t s) {
+  uint32_t d;
+  if (BF16)
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u));
+  else
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(s));
+  return d;
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if (BF16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Scale of the block holding flat element i (the fast kernel's blocksizes are powers of two).
+template <bool NESTED>
+__device__ __forceinline__ float load_scale(const Params& p, float offset, uint32_t i) {
+  const uint32_t b = i >> p.log2_bs;
+  if (!NESTED) return __ldg(static_cast<const float*>(p.a.absmax) + b);
+  const uint32_t q = __ldg(static_cast<const uint8_t*>(p.a.absmax) + b);
+  return __fadd_rn(__fmul_rn(__ldg(p.a.code2 + q), __ldg(p.a.absmax2 + (b >> p.log2_bs2))), offset);
+}
+
+// y = acc + scaling * xa[m] . b[n] + bias[n], rounded once to the dtype.
+template <bool BF16>
+__device__ __forceinline__ void epilogue(const lk_decode_args& a, int m, int n, float acc) {
+  using E = Elem<BF16>;
+  if (a.r > 0) {
+    float l = 0.f;
+    for (int j = 0; j < a.r; ++j)
+      l = fmaf(E::load(a.xa, m * a.xa_row + j * a.xa_col), E::load(a.b, n * a.b_row + j * a.b_col), l);
+    acc = fmaf(a.scaling, l, acc);
+  }
+  if (a.bias) acc += E::load(a.bias, n * a.bias_stride);
+  E::store(a.out, m * a.out_row + n, acc);
+}
+
+// One 128-wide step of a warp: 64 weight elements per lane (32 of row g, 32 of row g+8).
+// SCALE_AFTER (blocksize >= 128: the whole step is one block per row): codes go to the tensor
+// cores unscaled and the fp32 partial sums are scaled once. Otherwise (blocksize 64: the quad's
+// step spans two blocks) the decoded pairs are scaled before the MMA, one packed multiply each.
+template <bool BF16, int NT, bool SCALE_AFTER>
+__device__ __forceinline__ void mma_step(const lk::Table& tab, uint32_t base, const uint4& qa, const uint4& qb,
+                                         uint32_t sa, uint32_t sb, const uint32_t (&xr)[NT][16],
+                                         float (&acc)[NT][4]) {
+  float c[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) c[nt][j] = SCALE_AFTER ? 0.f : acc[nt][j];
+  const uint32_t wa[4] = {qa.x, qa.y, qa.z, qa.w}, wb[4] = {qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t P[4], Q[4];
+    lk::decode8(tab, wa[i], P, base);
+    lk::decode8(tab, wb[i], Q, base);
+    if (!SCALE_AFTER) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) P[j] = mul2<BF16>(P[j], sa), Q[j] = mul2<BF16>(Q[j], sb);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        mma16816<BF16>(c[nt], P[2 * h], Q[2 * h], P[2 * h + 1], Q[2 * h + 1], xr[nt][4 * i + 2 * h],
+                       xr[nt][4 * i + 2 * h + 1]);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if (SCALE_AFTER) {
+      const float fa = __uint_as_float(sa), fb = __uint_as_float(sb);
+      acc[nt][0] = fmaf(fa, c[nt][0], acc[nt][0]);
+      acc[nt][1] = fmaf(fa, c[nt][1], acc[nt][1]);
+      acc[nt][2] = fmaf(fb, c[nt][2], acc[nt][2]);
+      acc[nt][3] = fmaf(fb, c[nt][3], acc[nt][3]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[nt][j] = c[nt][j];
+    }
+  }
+}
+
+template <bool BF16, int NT, bool NESTED, bool SCALE_AFTER>
+__global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Params p) {
+  using T = typename Elem<BF16>::T;
+  __shared__ float red[kMaxWarps][kRows][16];
+  const lk_decode_args& a = p.a;
+  const int K = a.k;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * kRows;
+  // Rows past N re-read row N-1; their sums are never stored.
+  const int ra = min(row0 + g, a.n - 1), rb = min(row0 + g + 8, a.n - 1);
+  const lk::Table tab = lk::make_table<BF16>(a.code);
+  const uint32_t base = p.base3210;
+  const float offset = NESTED ? __ldg(a.offset) : 0.f;
+  // A step covers 64 elements per (row, block) pair of lanes (t = 0,1 and t = 2,3): each lane
+  // computes one scale, for row g or g+8 by t's low bit and its pair's block, and the quad swaps them.
+  const uint32_t fs0 = (uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2);
+  const int src_a = (lane & ~3) | (t & 2), src_b = src_a | 1;
+
+  const int stride = nwarps * kStep;
+  int kb = warp * kStep;
+  const uint8_t* pa = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
+  const uint8_t* pb = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
+  const int wstep = stride >> 1;
+  const T* xp[NT];
+  bool xok[NT];
+  uint32_t xr[NT][16];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int tok = g + 8 * nt;
+    xok[nt] = tok < a.m;
+    xp[nt] = static_cast<const T*>(a.x) + (int64_t)min(tok, a.m - 1) * a.x_row + kb + 32 * t;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) xr[nt][j] = 0u;  // tokens >= M keep these zeros
+  }
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+  auto step = [&](const uint4& qa, const uint4& qb, uint32_t fs) {
+    const float s = load_scale<NESTED>(p, offset, fs);
+    const uint32_t s2 = SCALE_AFTER ? __float_as_uint(s) : pack_scale<BF16>(s);
+    const uint32_t sa = __shfl_sync(0xffffffffu, s2, src_a), sb = __shfl_sync(0xffffffffu, s2, src_b);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (xok[nt]) {
+        const uint4* v = reinterpret_cast<const uint4*>(xp[nt]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint4 u = __ldg(v + j);
+          xr[nt][4 * j] = u.x, xr[nt][4 * j + 1] = u.y, xr[nt][4 * j + 2] = u.z, xr[nt][4 * j + 3] = u.w;
+        }
+      }
+    }
+    mma_step<BF16, NT, SCALE_AFTER>(tab, base, qa, qb, sa, sb, xr, acc);
+    pa += wstep, pb += wstep;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xp[nt] += stride;
+  };
+
+  // Two register sets for W, so the next step's bytes are in flight while one decodes.
+  uint4 qa0 = make_uint4(0, 0, 0, 0), qb0 = qa0, qa1 = qa0, qb1 = qa0;
+  if (kb + kStep <= K) qa0 = ld_stream(pa), qb0 = ld_stream(pb);
+  while (kb + kStep <= K) {
+    const bool more = kb + stride + kStep <= K;
+    if (more) qa1 = ld_stream(pa + wstep), qb1 = ld_stream(pb + wstep);
+    step(qa0, qb0, fs0 + kb);
+    kb += stride;
+    if (!more) break;
+    const bool more2 = kb + stride + kStep <= K;
+    if (more2) qa0 = ld_stream(pa + wstep), qb0 = ld_stream(pb + wstep);
+    step(qa1, qb1, fs0 + kb);
+    kb += stride;
+    if (!more2) break;
+  }
+  if (kb < K) {  // K % 128 == 64 (blocksize 64 only): lanes t = 2, 3 are past the row's end
+    const bool live = t < 2;
+    uint4 qa = make_uint4(0, 0, 0, 0), qb = qa;
+    if (live) qa = ld_stream(pa), qb = ld_stream(pb);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xok[nt] = xok[nt] && live;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 16; ++j) xr[nt][j] = 0u;
+    step(qa, qb, fs0 + kb - 32u * (t & 2));  // lanes 2,3 fetch an in-range scale they do not use
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int c = 8 * nt + 2 * t;
+    red[warp][g][c] = acc[nt][0];
+    red[warp][g][c + 1] = acc[nt][1];
+    red[warp][g + 8][c] = acc[nt][2];
+    red[warp][g + 8][c + 1] = acc[nt][3];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kRows * a.m; e += blockDim.x) {
+    const int row = e % kRows, tok = e / kRows, n = row0 + row;
+    if (n >= a.n) continue;
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += red[w][row][tok];
+    epilogue<BF16>(a, tok, n, s);
+  }
+}
+
+// One warp per row, any K: each weight element decoded exactly as bitsandbytes (fp32 product,
+// one rounding), then fp32 FMAs with up to 16 tokens.
+template <bool BF16>
+__global__ void __launch_bounds__(kGenericWarps * 32) decode_generic_kernel(const Params p) {
+  using E = Elem<BF16>;
+  const lk_decode_args& a = p.a;
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * kGenericWarps + (threadIdx.x >> 5);
+  if (n >= a.n) return;
+  const float offset = a.nested ? __ldg(a.offset) : 0.f;
+  float acc[16];
+#pragma unroll
+  for (int m = 0; m < 16; ++m) acc[m] = 0.f;
+  const uint32_t base = (uint32_t)n * (uint32_t)a.k;
+  for (int k = lane; k < a.k; k += 32) {
+    const uint32_t i = base + k;
+    const float s = lk::block_scale(a.absmax, a.nested, a.code2, a.absmax2, (uint32_t)a.blocksize2, offset,
+                                    i / (uint32_t)a.blocksize);
+    const uint16_t wbits = lk::decode_exact_bits<BF16>(a.code, lk::nibble_at(a.packed, i), s);
+    const float w = lk::bits_to_f32<BF16>(wbits);
+#pragma unroll
+    for (int m = 0; m < 16; ++m)
+      if (m < a.m) acc[m] = fmaf(w, E::load(a.x, m * a.x_row + k), acc[m]);
+  }
+#pragma unroll
+  for (int m = 0; m < 16; ++m) {
+    float v = acc[m];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (m < a.m && lane == m) epilogue<BF16>(a, m, n, v);
+  }
+}
+
+int ilog2_exact(int v) {  // log2 of a power of two, else -1
+  if (v <= 0 || (v & (v - 1))) return -1;
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+template <bool BF16, int NT>
+void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
+  const dim3 grid(tiles), block(warps * 32);
+  if (p.a.nested) {
+    if (after)
+      decode_fast_kernel<BF16, NT, true, true><<<grid, block, 0, stream>>>(p);
+    else
+      decode_fast_kernel<BF16, NT, true, false><<<grid, block, 0, stream>>>(p);
+  } else {
+    if (after)
+      decode_fast_kernel<BF16, NT, false, true><<<grid, block, 0, stream>>>(p);
+    else
+      decode_fast_kernel<BF16, NT, false, false><<<grid, block, 0, stream>>>(p);
+  }
+}
+
+template <bool BF16>
+void launch(const Params& p, int path, cudaStream_t stream) {
+  const lk_decode_args& a = p.a;
+  if (path == 0) {
+    const int grid = (a.n + kGenericWarps - 1) / kGenericWarps;
+    decode_generic_kernel<BF16><<<grid, kGenericWarps * 32, 0, stream>>>(p);
+    return;
+  }
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int tiles = (a.n + kRows - 1) / kRows;
+  const int steps = (a.k + kStep - 1) / kStep;
+  // Warps per CTA: about 16 warps per SM in all (enough loads in flight for HBM), never more
+  // warps than 128-wide steps of K.
+  int warps = 1;
+  while (warps < kMaxWarps && warps * tiles < 16 * sms && warps * 2 <= steps) warps *= 2;
+  const bool after = a.blocksize >= kStep && a.k % kStep == 0;
+  if (a.m > 8)
+    launch_fast<BF16, 2>(p, after, tiles, warps, stream);
+  else
+    launch_fast<BF16, 1>(p, after, tiles, warps, stream);
+}
+
+}  // namespace
+
+extern "C" {
+
+int lk_abi_version(void) { return LK_CSRC_ABI_VERSION; }
+
+int lk_args_size(void) { return (int)sizeof(lk_decode_args); }
+
+const char* lk_status_string(int status) {
+  switch (status) {
+    case LK_OK:
+      return "ok";
+    case LK_BAD_ARGUMENT:
+      return "bad argument (sizes, strides, pointers or flags the kernel cannot take)";
+    case LK_CUDA_ERROR:
+      return "CUDA launch failed";
+    default:
+      return "unknown status";
+  }
+}
+
+int lk_decode_path(const lk_decode_args* a) {
+  if (!a) return -1;
+  if (a->m < 1 || a->m > 16 || a->n < 1 || a->k < 1 || a->r < 0) return -1;
+  if ((int64_t)a->n * a->k >= ((int64_t)1 << 31)) return -1;
+  if (!a->x || !a->packed || !a->code || !a->absmax || !a->out) return -1;
+  if (a->dtype != LK_BF16 && a->dtype != LK_F16) return -1;
+  if (a->blocksize < 1) return -1;
+  if (a->nested && (!a->code2 || !a->absmax2 || !a->offset || a->blocksize2 < 1)) return -1;
+  if (a->r > 0 && (!a->xa || !a->b)) return -1;
+  if (a->force_generic) return 0;
+  // The fast kernel's steps pair lanes over 64 elements of one block: K % 64 == 0, blocksize >= 64.
+  const bool fast = a->k % 64 == 0 && ilog2_exact(a->blocksize) >= 6 &&
+                    (!a->nested || ilog2_exact(a->blocksize2) >= 0) && aligned16(a->packed) && aligned16(a->x) &&
+                    a->x_row % 8 == 0;
+  return fast ? 1 : 0;
+}
+
+int lk_linear_decode_fwd(const lk_decode_args* args, void* stream) {
+  const int path = lk_decode_path(args);
+  if (path < 0) return LK_BAD_ARGUMENT;
+  Params p;
+  p.a = *args;
+  p.log2_bs = ilog2_exact(args->blocksize);
+  p.log2_bs2 = args->nested ? ilog2_exact(args->blocksize2) : 0;
+  p.base3210 = 0x32103210u;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (args->dtype == LK_BF16)
+    launch<true>(p, path, s);
+  else
+    launch<false>(p, path, s);
+  return cudaGetLastError() == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
+}
+
+}  // extern "C"

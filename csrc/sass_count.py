@@ -1,0 +1,95 @@
+"""Counts the main loop of each fast decode kernel in `cuobjdump --dump-sass` output.
+
+    python csrc/sass_count.py SASS_FILE [--budget 3.0] [--budget-prescaled X]
+
+The main loop is the backward branch whose body holds the HMMAs. Each lane feeds one
+m16n8k16 MMA per 8 weight elements per n8 token tile, so elements per lane = 8 * HMMA / NT.
+Reports instructions per weight element (per lane) by kernel and arch; exits 1 over budget.
+Kernels with SCALE_AFTER = true (blocksize >= 128) are held to --budget, the others (blocksize 64:
+one packed multiply per decoded pair) to --budget-prescaled.
+"""
+import argparse
+import re
+import sys
+from collections import Counter
+
+
+def parse(text):
+    """[(arch, function name, [(addr, instruction)])] in file order."""
+    out = []
+    arch = None
+    for block in re.split(r"\n(?=\s*(?:Fatbin elf code|Function :))", text):
+        m = re.search(r"arch = (sm_\d+)", block)
+        if m:
+            arch = m.group(1)
+        f = re.match(r"\s*Function : (\S+)", block)
+        if not f:
+            continue
+        ins = [(int(a, 16), s.strip()) for a, s in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", block)]
+        out.append((arch, f.group(1), ins))
+    return out
+
+
+def main_loop(ins):
+    """(body, opcode counter) of the innermost backward-branch loop holding HMMAs, or None."""
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    best = None
+    for i, (a, s) in enumerate(ins):
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", s)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target >= a or target not in index:
+            continue
+        body = [x for _, x in ins[index[target]:i + 1]]
+        ops = [re.sub(r"^@!?U?P[T0-9]+\s+", "", x).split()[0] for x in body]
+        if any(o.startswith("HMMA") for o in ops) and (best is None or len(body) < len(best[0])):
+            best = (body, Counter(o.split(".")[0] for o in ops))
+    return best
+
+
+def demangled_flags(name):
+    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELb(\d)ELb(\d)E", name)
+    if not m:
+        return None
+    bf16, nt, nested, after = (int(g) for g in m.groups())
+    return dict(dtype="bf16" if bf16 else "fp16", nt=nt, nested=bool(nested), scale_after=bool(after))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("sass")
+    ap.add_argument("--budget", type=float, default=3.0)
+    ap.add_argument("--budget-prescaled", type=float, default=None)
+    args = ap.parse_args()
+    over = []
+    rows = 0
+    for arch, name, ins in parse(open(args.sass).read()):
+        flags = demangled_flags(name)
+        if flags is None:
+            continue
+        loop = main_loop(ins)
+        if loop is None:
+            over.append(f"{arch} {flags}: no main loop with HMMA found")
+            continue
+        body, ops = loop
+        elems = 8 * ops["HMMA"] // flags["nt"]
+        per = len(body) / elems
+        budget = args.budget if flags["scale_after"] or args.budget_prescaled is None else args.budget_prescaled
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+        print(f"{arch} {flags['dtype']} M{'<=8' if flags['nt'] == 1 else '<=16'} "
+              f"{'nested' if flags['nested'] else 'fp32-absmax'} "
+              f"{'scale-after' if flags['scale_after'] else 'prescaled'}: {len(body)} instructions / {elems} "
+              f"elements per lane = {per:.2f} per element (budget {budget}) [{top}]")
+        rows += 1
+        if per > budget:
+            over.append(f"{arch} {name}: {per:.2f} > {budget}")
+    if rows == 0:
+        over.append("no fast decode kernel found in the SASS")
+    for o in over:
+        print("OVER BUDGET:", o)
+    sys.exit(1 if over else 0)
+
+
+if __name__ == "__main__":
+    main()
