@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,7 +336,8 @@ class LoopCount:
     classes: dict = field(default_factory=dict)  # class -> count per warp per iteration
     mma_shapes: dict = field(default_factory=dict)  # opcode -> count per warp per iteration
     wait_depth: int | None = None  # smallest N of WARPGROUP.DEPBAR.LE gsb0, N in the loop (None: no wait)
-    smem_bytes: int = 0  # per CTA per iteration, incl. HGMMA shared operands
+    smem_bytes: int = 0  # per CTA per iteration through the load/store unit (LDS, LDSM, STS, LDGSTS)
+    hgmma_smem_bytes: int = 0  # per CTA per iteration, HGMMA operands read from shared memory
     tensor_fma: int = 0  # per CTA per iteration
     loads: dict = field(default_factory=dict)  # parameter -> [bytes per thread of each load] per iteration
     other_instrs: int = 0  # per warp, outside the main loop, loops other than it counted once
@@ -381,18 +383,21 @@ def count_sass(case, sass: str, ptx: str, regs: int, shared: int, triton_version
               for m in [re.search(r"0x([0-9a-f]+)", ins.args)] if m]
     res.wait_depth = min(depths) if depths else None
     res.loop_branches = sum(1 for ins in body if ins.base == "BRA" and ins.addr != (loop.end if loop else -1))
-    res.smem_bytes, res.tensor_fma = _smem_and_fma(body, warps)
+    res.smem_bytes, res.hgmma_smem_bytes, res.tensor_fma = _smem_and_fma(body, warps)
     outside = [i for i in instrs if not (loop and loop.start <= i.addr <= loop.end) and i.base not in ("NOP",)]
     res.other_instrs = len(outside)
-    res.other_tensor_fma = _smem_and_fma(outside, warps)[1]
+    res.other_tensor_fma = _smem_and_fma(outside, warps)[2]
     names = [n for n, kind in _runtime_params(case)]
     res.loads = ptx_loads(ptx, names) if loop else {}
+    res.loads = {k: v for k, v in res.loads.items()}
     return res
 
 
 def _smem_and_fma(body, warps):
-    """(shared-memory bytes, tensor FMAs) per CTA for one pass over `body` (SASS of one warp)."""
+    """(load/store-unit shared bytes, HGMMA shared operand bytes, tensor FMAs) per CTA for one pass over
+    `body` (the SASS of one warp)."""
     smem = 0
+    operands = 0
     fma = 0
     groups = max(1, warps // 4)
     for ins in body:
@@ -400,12 +405,12 @@ def _smem_and_fma(body, warps):
             m, n, k, elem, a_regs = mma_shape(ins)
             if ins.base.endswith("GMMA"):  # one warpgroup instruction, listed in each of its 4 warps' code
                 fma += m * n * k * groups
-                smem += (n * k * elem + (0 if a_regs else m * k * elem)) * groups
+                operands += (n * k * elem + (0 if a_regs else m * k * elem)) * groups
             else:
                 fma += m * n * k * warps
         else:
             smem += _smem_bytes(ins) * warps
-    return smem, fma
+    return smem, operands, fma
 
 
 def _runtime_params(case):
@@ -422,6 +427,84 @@ def decode_cost(count_4bit: LoopCount, count_dense: LoopCount) -> float:
     return (count_4bit.per_iter - count_dense.per_iter) * 32 * count_4bit.num_warps / (bn * bk)
 
 
+# Kernel parameters by role, from their names (old and new kernels): the 16-entry code table, the per-block
+# scale arrays (fp32 scales, or nested: uint8 absmax, code2, absmax2), the scalar offset, the packed weight.
+ROLES = (("code table", re.compile(r"^code(_ptr)?$|table|lut")),
+         ("scales", re.compile(r"scale|absmax|code2")),
+         ("offset", re.compile(r"offset")),
+         ("packed W", re.compile(r"packed|^w_ptr$")))
+
+
+def role(param: str) -> str:
+    for name, pat in ROLES:
+        if any(pat.search(p) for p in param.split("+")):
+            return name
+    return "activations/other"
+
+
+@dataclass
+class Budget:
+    name: str
+    measured: float
+    limit: float
+    ok: bool
+    text: str
+
+
+DECODE_BUDGET_SMALL = 3.0  # instructions per W element, decode tiles (BLOCK_M = 16), issue 10
+DECODE_BUDGET_LARGE = 4.5  # large tiles (BLOCK_M >= 64), issue 10
+
+
+def budgets(c4: LoopCount, cd: LoopCount, direction: str, dev: Device = None) -> list[Budget]:
+    """Issue 10's budgets for one 4-bit GEMM loop (direction "fwd" or "bwd" = dx) against its dense twin."""
+    dev = dev or DEVICES["H100"]
+    bm, bn, bk = c4.block
+    elems = bn * bk  # W elements per CTA iteration (fwd: BLOCK_N rows x BLOCK_K; dx: BLOCK_K rows x BLOCK_N)
+    rows, cols = (bn, bk) if direction == "fwd" else (bk, bn)
+    threads = 32 * c4.num_warps
+    out = []
+    dc = decode_cost(c4, cd)
+    limit = DECODE_BUDGET_SMALL if bm == 16 else DECODE_BUDGET_LARGE
+    out.append(Budget("decode instructions per W element", dc, limit, dc <= limit,
+                      f"({c4.per_iter} - {cd.per_iter} dense) instr/warp/iter x 32 x {c4.num_warps} warps / "
+                      f"({bn} x {bk}) W elements = {dc:.2f} per element per thread; budget <= {limit}"))
+    by_role = {}
+    for param, widths in c4.loads.items():
+        by_role.setdefault(role(param), []).append((param, len(widths) * threads))
+    code = sum(n for _, n in by_role.get("code table", []))
+    out.append(Budget("code-table global/async loads in the loop", code / elems, 0.0, code == 0,
+                      f"{code} thread-loads from {'+'.join(p for p, _ in by_role.get('code table', [])) or '-'} "
+                      f"per iteration for {elems} W elements = {code / elems:.2f} per element; budget 0 (the table "
+                      "in registers or loaded into shared memory once per CTA, before the loop)"))
+    blocks = math.ceil(cols / BS)
+    pairs = rows * blocks
+    allowed = max(pairs, threads * blocks)  # a [rows] vector per block, replicated when threads > rows
+    for param, n in by_role.get("scales", []) or [("(none)", 0)]:
+        out.append(Budget(f"scale loads ({param})", n / pairs, allowed / pairs, n <= allowed,
+                          f"{n} thread-loads per iteration for {rows} rows x {math.ceil(cols / BS)} blocks = "
+                          f"{pairs} (row, block) pairs: {n / pairs:.2f} per pair; budget one per pair, or one per "
+                          f"thread and block where the tile has fewer rows than its {threads} threads "
+                          f"(<= {allowed})"))
+    hg = any(k.startswith("HGMMA") for k in c4.mma_shapes)
+    if bm >= 64:
+        if not hg:
+            out.append(Budget("HGMMA overlap", 0, 1, False, "large tile without HGMMA in its loop"))
+        elif c4.wait_depth is not None and c4.wait_depth >= 1:
+            out.append(Budget("HGMMA overlap", c4.wait_depth, 1, True,
+                              f"WARPGROUP.DEPBAR.LE gsb0, 0x{c4.wait_depth:x}: one group in flight (>= 1)"))
+        else:
+            m, n, k = 8192, 4096, 4096
+            red, nout = (k, n) if direction == "fwd" else (n, k)
+            t = loop_kernel_time("overlap", c4, dev, ctas=math.ceil(m / bm) * math.ceil(nout / bn),
+                                 iters=math.ceil(red / bk), hbm_bytes=0)
+            hidden = t.bound == "tensor"
+            out.append(Budget("HGMMA overlap", 0 if c4.wait_depth is None else c4.wait_depth, 1, hidden,
+                              f"the loop waits on every HGMMA group (wait depth 0x0); the model at M={m} "
+                              f"{n}x{k} is {t.bound}-bound ({t.detail}), so the decode's issue time is "
+                              f"{'hidden under' if hidden else 'NOT hidden under'} the tensor time"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- compiling
 
 def _sources_hash():
@@ -435,7 +518,7 @@ def _compile_worker(ids, cache):
     """In a process without TRITON_INTERPRET: build each case, write {id}.json into `cache`."""
     import triton
 
-    by_id = {c["id"]: c for c in gc.cases()}
+    by_id = {c["id"]: c for c in _cases()}
     for cid in ids:
         case = by_id[cid]
         path = Path(cache) / (hashlib.sha1(cid.encode()).hexdigest()[:20] + ".json")
@@ -522,18 +605,432 @@ def format_count(c: LoopCount) -> str:
     if not c.ok:
         return f"{c.id}: does not build: {c.error.splitlines()[0][:200]}"
     cls = " ".join(f"{k}={v}" for k, v in c.classes.items())
-    mma = " ".join(f"{k.split('.')[0]}.{k.split('.')[1]}x{v}" for k, v in c.mma_shapes.items()) or "no MMA"
+    mma = " ".join(f"{'.'.join(k.split('.')[:2])}*{v}" for k, v in c.mma_shapes.items()) or "no MMA"
     wait = "-" if c.wait_depth is None else f"0x{c.wait_depth:x}"
     loads = " ".join(f"{k}:{len(v)}x{'/'.join(sorted({str(w) for w in v}))}B" for k, v in sorted(c.loads.items()))
     return (f"{c.id}: {c.per_iter} instr/warp/iter [{cls}] {mma} wait={wait} regs={c.regs} "
-            f"smem={c.shared}B loads/thread/iter: {loads or '-'}")
+            f"shared={c.shared}B loads/thread/iter: {loads or '-'}")
 
 
-if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--_worker":
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        sys.exit("TRITON_INTERPRET=1: the kernels would be interpreted functions")
-    _compile_worker(sys.argv[3:], sys.argv[2])
-    sys.exit(0)
+
+# ---------------------------------------------------------------------------------------------- timing
+
+MEM_LATENCY_S = 600e-9  # assumption: one HBM round trip on Hopper (third-party microbenchmarks quote ~400-700 ns)
+BS = 64  # NF4 blocksize of the bench (presets: quantize_nf4, blocksize 64)
+SCALE_BYTES = 4  # the kernels read fp32 scales (block_scales decodes the nested uint8 absmax per call)
+HOST_SCALE_KERNELS = 7  # block_scales, nested state: arange, //, long(), 2 gathers, *, + (PyTorch ops per call)
+
+
+def tensor_efficiency(dev: Device) -> float:
+    """Calibrated reachable fraction of the dense tensor rate (cuBLAS's measured rate / the datasheet's)."""
+    return dev.cublas_flops / (2 * dev.fma_per_clk * dev.sms * dev.clock_hz)
+
+
+def occupancy(c: LoopCount, dev: Device) -> int:
+    """CTAs per SM from registers (256-register allocation units per warp), shared memory (1 KiB reserved
+    per CTA), threads and the CTA limit."""
+    warps = c.num_warps
+    per_warp = math.ceil(max(c.regs, 1) * 32 / 256) * 256
+    by_regs = (dev.regs_per_sm // per_warp) // warps
+    by_smem = dev.smem_per_sm // (c.shared + 1024)
+    by_threads = dev.max_threads_per_sm // (32 * warps)
+    return max(0, min(by_regs, by_smem, by_threads, dev.max_ctas_per_sm))
+
+
+@dataclass
+class KernelTime:
+    name: str
+    seconds: float
+    bound: str  # issue | tensor | smem | latency | hbm | launch
+    detail: str = ""
+
+
+def loop_kernel_time(name, c: LoopCount, dev: Device, *, ctas, iters, hbm_bytes) -> KernelTime:
+    """A kernel of `ctas` CTAs each running `iters` iterations of c's main loop (plus its other code once).
+
+    Per CTA iteration: issue = instr/warp/iter * warps / 4 clk; tensor = FMAs / (2048 * efficiency);
+    shared = bytes / 128; latency = one memory round trip / (stages - 1) loads in flight. Alone, a CTA
+    takes max(issue, shared, latency) + tensor if it waits on every HGMMA group (wait depth 0), else the
+    max of all four; k co-resident CTAs overlap each other: max(k*issue, k*tensor, k*shared, alone)."""
+    clk = dev.clock_hz
+    eff = tensor_efficiency(dev)
+    warps = c.num_warps
+    stages = int(c.config.rsplit("s", 1)[-1]) if re.search(r"s\d+$", c.config) else 2
+    issue = c.per_iter * warps / dev.issue_per_clk
+    tensor = c.tensor_fma / (dev.fma_per_clk * eff)
+    # Calibration: the load/store unit's traffic and HGMMA's operand reads are taken as separate paths,
+    # each at the shared-memory rate (summed, they made the dense Triton GEMM smem-bound at ~0.85x cuBLAS).
+    smem = max(c.smem_bytes, c.hgmma_smem_bytes) / dev.smem_bytes_per_clk
+    lat = MEM_LATENCY_S * clk / max(1, stages - 1)
+    alone = (max(issue, smem, lat) + tensor) if c.wait_depth == 0 else max(issue, tensor, smem, lat)
+    occ = max(1, occupancy(c, dev))
+    per_sm = math.ceil(ctas / dev.sms)
+
+    def rnd(k):
+        terms = {"issue": k * issue, "tensor": k * tensor, "smem": k * smem,
+                 ("serial" if c.wait_depth == 0 and alone > max(issue, smem, lat, tensor) else "latency"): alone}
+        return max(terms.values()), max(terms, key=terms.get)
+
+    full, rem = divmod(per_sm, occ)
+    t_full, b_full = rnd(occ)
+    t_rem, b_rem = rnd(rem) if rem else (0.0, b_full)
+    loop_clk = iters * (full * t_full + t_rem)
+    bound = b_full if full else b_rem
+    # Non-loop code (prologue, LoRA epilogue) once per CTA, overlapped across co-resident CTAs; one
+    # memory round trip per round to fill the pipeline and one to store.
+    other_issue = c.other_instrs * warps / dev.issue_per_clk
+    other_tensor = c.other_tensor_fma / (dev.fma_per_clk * eff)
+    rounds = full + (1 if rem else 0)
+    k = min(occ, per_sm)
+    other_clk = rounds * (max(k * other_issue, other_issue + other_tensor) + 2 * MEM_LATENCY_S * clk)
+    sm_s = (loop_clk + other_clk) / clk
+    hbm_s = hbm_bytes / dev.hbm_reached
+    if hbm_s > sm_s:
+        bound = "hbm"
+    seconds = max(sm_s, hbm_s) + dev.launch_s
+    detail = (f"{c.config} occ={occupancy(c, dev)} ctas={ctas} iters={iters} per-iter clk: issue={issue:.0f} "
+              f"tensor={tensor:.0f} smem={smem:.0f} alone={alone:.0f}; loop={loop_clk / clk * 1e6:.1f}us "
+              f"other={other_clk / clk * 1e6:.1f}us hbm={hbm_s * 1e6:.1f}us")
+    return KernelTime(name, seconds, bound, detail)
+
+
+def stream_time(name, dev: Device, hbm_bytes, flops=0.0, launches=1) -> KernelTime:
+    """A kernel (or a few PyTorch ops) at the HBM rate reached, or cuBLAS's measured FLOP rate."""
+    hbm = hbm_bytes / dev.hbm_reached
+    mma = flops / dev.cublas_flops
+    return KernelTime(name, max(hbm, mma) + launches * dev.launch_s, "hbm" if hbm >= mma else "tensor",
+                      f"hbm={hbm * 1e6:.1f}us mma={mma * 1e6:.1f}us launches={launches}")
+
+
+def cublas_time(name, dev, m, n, k):
+    return stream_time(name, dev, 2 * (m * k + n * k + m * n), 2.0 * m * n * k)
+
+
+# ---------------------------------------------------------------------------------------------- launches
+
+def _cfg(case):
+    c = case["constexprs"]
+    return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], case["num_warps"], case["num_stages"]
+
+
+# Which cases of tests/_gpu_compile.cases() serve which launch, and how configs.config_allowed is asked
+# about it: per launch, options in order of preference (case kernel, case mode for M > 1, for M = 1,
+# config_allowed keywords); the first option whose kernel cases() lists is used, and only the keywords
+# config_allowed's signature takes are passed. Edit here when cases() renames a kernel or a mode.
+LAUNCHES = {
+    ("4bit", "fwd"): [("qlora_fwd", "fwd", "fwd-M1", dict(kind="qlora_fwd")),
+                      ("fused_linear/4bit", "fwd", "fwd-M1", dict(base=2, paired=True, w_trans=True))],
+    ("4bit", "bwd"): [("qlora_dx", "bwd-nodrop", "bwd-nodrop", dict(kind="qlora_dx")),
+                      ("fused_linear/4bit", "bwd-nodrop", "bwd-nodrop", dict(base=2, paired=True, w_trans=False))],
+    ("dense", "fwd"): [("fused_linear/dense", "fwd", "fwd-M1", dict(kind="dense", base=1, paired=False,
+                                                                     w_trans=False))],
+    ("dense", "bwd"): [("fused_linear/dense", "bwd-nodrop", "bwd-nodrop", dict(kind="dense", base=1, paired=False,
+                                                                            w_trans=False))],
+}
+
+
+@lru_cache(maxsize=None)
+def _cases():
+    return tuple(gc.cases())
+
+
+def launch_option(weight, direction):
+    """(case kernel, mode, mode at M = 1, config_allowed keywords) that today's cases() serves."""
+    kernels = {c["kernel"] for c in _cases()}
+    for opt in LAUNCHES[(weight, direction)]:
+        if opt[0] in kernels:
+            return opt
+    raise LookupError(f"no kernel of tests/_gpu_compile.cases() serves the {weight} {direction} GEMM: "
+                      f"update static_model.LAUNCHES")
+
+
+def _allowed(cfg, m, extra, arch, dtype_bytes):
+    import inspect
+
+    from lora_kernels.ops import configs
+
+    params = inspect.signature(configs.config_allowed).parameters
+    kw = {k: v for k, v in dict(extra, m=m, arch=arch, dtype_bytes=dtype_bytes, dropout=False).items()
+          if k in params}
+    return configs.config_allowed(*cfg, **kw)
+
+
+def gemm_candidates(weight, direction, m, arch=90, dtype="bf16"):
+    """Case ids the autotuner may pick for this launch: weight "4bit" or "dense", direction "fwd" or "bwd"
+    (dx, no dropout), M rows."""
+    kernel, mode, mode1, extra = launch_option(weight, direction)
+    mode = mode1 if m == 1 else mode
+    out = [c["id"] for c in _cases()
+           if (c["kernel"], c["mode"], c["dtype"], c["arch"]) == (kernel, mode, dtype, arch)
+           and _allowed(_cfg(c), m, extra, arch, gc.DTYPES[dtype])]
+    if not out:
+        raise LookupError(f"no case of tests/_gpu_compile.cases() serves {weight} {direction} M={m} "
+                          f"(kernel {kernel!r}, mode {mode!r}): update static_model.LAUNCHES")
+    return out
+
+
+def case_for(weight, direction, config, m=16, arch=90, dtype="bf16"):
+    """The case id of a launch at a tile config string such as '128x128x64 w8 s3' (m = 1: the M = 1 mode)."""
+    kernel, mode, mode1, _ = launch_option(weight, direction)
+    mode = mode1 if m == 1 else mode
+    for c in _cases():
+        if (c["kernel"], c["mode"], c["dtype"], c["arch"], c["config"]) == (kernel, mode, dtype, arch, config):
+            return c["id"]
+    return None
+
+
+def dense_twin(case_id):
+    """The dense (BASE=1) case with the same tile, direction and M mode as a 4-bit case, or None."""
+    c = next(x for x in _cases() if x["id"] == case_id)
+    for direction in ("fwd", "bwd"):
+        kernel, mode, mode1, _ = launch_option("4bit", direction)
+        if c["kernel"] == kernel and c["mode"] in (mode, mode1):
+            m = 1 if (c["mode"] == mode1 and mode1 != mode) else 16
+            return case_for("dense", direction, c["config"], m=m, arch=c["arch"], dtype=c["dtype"])
+    return None
+
+
+def lora_down_case(r=16, dtype="bf16", arch=90):
+    rb = gc._rank_block(r, 64)
+    return next(c["id"] for c in _cases() if c["kernel"] == "lora_down" and c["mode"] == f"R_BLOCK={rb}"
+                and c["dtype"] == dtype and c["arch"] == arch)
+
+
+def needed_cases(ms, benches):
+    ids = []
+    for m in ms:
+        for weight in ("4bit", "dense"):
+            ids += gemm_candidates(weight, "fwd", m)
+            if "layer_fwd_bwd" in benches:
+                ids += gemm_candidates(weight, "bwd", m)
+    ids.append(lora_down_case())
+    return list(dict.fromkeys(ids))
+
+
+def best_gemm(counts, weight, direction, m, out_features, red, r, dev):
+    """The fastest candidate on the model (what the autotuner would keep): (KernelTime, LoopCount)."""
+    four_bit = weight == "4bit"
+    best = None
+    for cid in gemm_candidates(weight, direction, m):
+        c = counts[cid]
+        if not c.ok:
+            continue
+        bm, bn, bk = c.block
+        ctas = math.ceil(m / bm) * math.ceil(out_features / bn)
+        w_bytes = out_features * red * (0.5 + SCALE_BYTES / BS) if four_bit else 2 * out_features * red
+        hbm = w_bytes + 2 * (m * red + m * out_features + m * r + out_features * r)
+        t = loop_kernel_time(f"{weight} GEMM {direction}", c, dev, ctas=ctas, iters=math.ceil(red / bk), hbm_bytes=hbm)
+        if best is None or t.seconds < best[0].seconds:
+            best = (t, c)
+    if best is None:
+        raise RuntimeError(f"no candidate of the {weight} {direction} GEMM builds for M={m}")
+    return best
+
+
+def lora_down_time(counts, m, k, r, dev):
+    c = counts[lora_down_case(r)]
+    bm, _, bk = c.block[0], 0, c.block[2] or 64
+    ctas = math.ceil(m / (bm or 64)) * math.ceil(r / 16)
+    return loop_kernel_time("lora_down", c, dev, ctas=ctas, iters=math.ceil(k / (bk or 64)),
+                            hbm_bytes=2 * (m * k + r * k + m * r))
+
+
+def host_scales(n, k, dev):
+    """block_scales() on the nested (double-quant) state, PyTorch ops on every call: reads the uint8 absmax,
+    builds int64 indices, gathers, multiplies, adds: ~85 bytes per block read and written, 7 launches."""
+    return stream_time("block_scales (PyTorch)", dev, 85 * n * k / BS, launches=HOST_SCALE_KERNELS)
+
+
+def dequant_time(n, k, dev):
+    return stream_time("dequantize_4bit", dev, n * k * (0.5 + SCALE_BYTES / BS + 2))
+
+
+def epilogue_time(m, n, r, dev):
+    return stream_time("epilogue (BASE=0)", dev, 2 * (2 * m * n + m * r + n * r))
+
+
+def predict(counts, bench, n, k, m, r, dev, path_min_m=None):
+    """{provider: (seconds, [KernelTime])} for one point. n = out_features, k = in_features."""
+    from lora_kernels.ops import configs
+
+    path_min_m = configs.DEQUANT_PATH_MIN_M if path_min_m is None else path_min_m
+    train = bench == "layer_fwd_bwd"
+    down = lora_down_time(counts, m, k, r, dev)
+    scales = host_scales(n, k, dev)
+    fwd_fused, cfg_f = best_gemm(counts, "4bit", "fwd", m, n, k, r, dev)
+    fused = [scales, down, fwd_fused]
+    deq = [down, scales, dequant_time(n, k, dev), cublas_time("cuBLAS x W^T", dev, m, n, k),
+           epilogue_time(m, n, r, dev)]
+    dense_fwd, cfg_d = best_gemm(counts, "dense", "fwd", m, n, k, 0, dev)
+    triton_dense = [dense_fwd]
+    cublas = [cublas_time("cuBLAS x W^T", dev, m, n, k)]
+    if train:
+        small = [stream_time("dxa = dy B", dev, 2 * (m * n + n * r + m * r)),
+                 stream_time("dA = s dxa^T x", dev, 2 * (m * k + m * r + 2 * r * k), launches=2),
+                 stream_time("dB = s dy^T xa", dev, 2 * (m * n + m * r + 2 * n * r), launches=2)]
+        bwd_fused, _ = best_gemm(counts, "4bit", "bwd", m, k, n, r, dev)
+        fused += small + [host_scales(n, k, dev), bwd_fused]
+        deq += small + [host_scales(n, k, dev), dequant_time(n, k, dev),
+                        cublas_time("cuBLAS dy W", dev, m, k, n), epilogue_time(m, k, r, dev)]
+        dense_bwd, _ = best_gemm(counts, "dense", "bwd", m, k, n, 0, dev)
+        triton_dense.append(dense_bwd)
+        cublas.append(cublas_time("cuBLAS dy W", dev, m, k, n))
+    total = lambda parts: sum(p.seconds for p in parts)  # noqa: E731
+    out = {
+        "lora_kernels_fused": (total(fused), fused, cfg_f),
+        "lora_kernels_dequant": (total(deq), deq, None),
+        "triton_dense": (total(triton_dense), triton_dense, cfg_d),
+        "cublas_bf16": (total(cublas), cublas, None),
+    }
+    dispatched = "lora_kernels_dequant" if m >= path_min_m else "lora_kernels_fused"
+    out["lora_kernels"] = out[dispatched]
+    return out
+
+
+def memory_floor(n, k, dev, datasheet=True):
+    """Seconds to read the packed 4-bit weight and its fp32 scales once (the decode shapes' floor)."""
+    return n * k * (0.5 + SCALE_BYTES / BS) / (dev.hbm_peak if datasheet else dev.hbm_reached)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+BENCH_SHAPES = None  # filled from lora_kernels.bench.presets.SHAPE_PRESETS["design"] at run time
+BENCH_MS = (1, 16, 512, 4096, 8192)
+RANK = 16
+PREDICTED = "_predicted"
+
+
+def prediction_rows(preds, dev: Device, env):
+    from lora_kernels.bench.results import make_row
+
+    rows = []
+    for (bench, n, k, m), by in preds.items():
+        for prov in ("lora_kernels", "lora_kernels_fused", "lora_kernels_dequant", "triton_dense", "cublas_bf16"):
+            seconds = by[prov][0]
+            r = 0 if prov in ("cublas_bf16", "triton_dense") else RANK
+            row = make_row(bench, prov + PREDICTED, m, n, k, r, "bf16", (seconds * 1e3, 0.0, 0.0), None, env)
+            row["ms_p20"] = row["ms_p80"] = None
+            rows.append(row)
+    return rows
+
+
+def markdown(preds, dev: Device, counts, env) -> str:
+    lines = [f"### Predicted by the static model, not measured", "",
+             f"{dev.name} figures (benchmarks/static_model.py DEVICES), kernels compiled for sm_90 with triton "
+             f"{env['triton']} at {env['commit']}, {env['date'][:10]}; r = {RANK}, bf16, NF4 blocksize {BS}. "
+             "Times in ms per call; `vs cuBLAS` = predicted lora_kernels time / predicted cuBLAS bf16 time "
+             "(r = 0); the fused GEMM's bound and tile are the model's choice among the autotuner's candidates. "
+             "Host overhead (Python, autograd) is not modelled.", ""]
+    for bench in ("layer_fwd", "layer_fwd_bwd"):
+        keys = [key for key in preds if key[0] == bench]
+        if not keys:
+            continue
+        lines += [f"**{bench}**", "",
+                  "| shape NxK | M | lora_kernels | fused path | dequant path | cuBLAS bf16 | vs cuBLAS | "
+                  "Triton dense (r=0) | fused GEMM: tile, bound |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for key in sorted(keys, key=lambda t: (t[1] * t[2], t[1], t[3])):
+            _, n, k, m = key
+            by = preds[key]
+            ours, fused, deq, cub, dense = (by[p][0] for p in ("lora_kernels", "lora_kernels_fused",
+                                                               "lora_kernels_dequant", "cublas_bf16",
+                                                               "triton_dense"))
+            gemm = [p for p in by["lora_kernels_fused"][1] if p.name == "4bit GEMM fwd"][0]
+            cfg = by["lora_kernels_fused"][2]
+            lines.append(f"| {n}x{k} | {m} | {_ms(ours)} | {_ms(fused)} | {_ms(deq)} | {_ms(cub)} | "
+                         f"{ours / cub:.2f}x | {_ms(dense)} | {cfg.config}, {gemm.bound} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _ms(s):
+    ms = s * 1e3
+    return f"{ms:.4f}" if ms < 0.1 else f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
+
+
+def _env(dev: Device, python_triton):
+    from lora_kernels.bench.results import environment
+
+    env = environment("cpu")
+    env["gpu"] = f"{dev.name} (static model, predicted)"
+    env["triton"] = python_triton
+    return env
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.static_model", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Every time it prints or writes is a prediction, labelled as one.")
+    ap.add_argument("--device", choices=sorted(DEVICES), default="H100",
+                    help="device row of the figure table (default H100; H200: the lent machine)")
+    ap.add_argument("--bench", default="layer_fwd,layer_fwd_bwd", help="comma list of layer_fwd, layer_fwd_bwd")
+    ap.add_argument("--m", default=",".join(map(str, BENCH_MS)), help="comma list of M (default %(default)s)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                    help="directory for static-sm90-<date>.csv/.md (default %(default)s); '-' writes nothing")
+    ap.add_argument("--cache", default=None,
+                    help="directory to keep counts between runs (keyed by kernel sources and triton version)")
+    ap.add_argument("--python", default=None, help="python whose triton compiles (default: this one)")
+    ap.add_argument("--workers", type=int, default=1, help="compile processes (default 1)")
+    ap.add_argument("--counts-only", action="store_true", help="print the loop counts, predict nothing")
+    args = ap.parse_args(argv)
+    from lora_kernels.bench.presets import SHAPE_PRESETS
+
+    dev = DEVICES[args.device]
+    benches = [b.strip() for b in args.bench.split(",") if b.strip()]
+    ms = [int(x) for x in args.m.split(",")]
+    ids = needed_cases(ms, benches)
+    print(f"compiling {len(ids)} kernel/configs for sm_90 on CPU (cached ones are reused)...", flush=True)
+    counts = count_cases(ids, cache=args.cache, python=args.python, workers=args.workers,
+                         progress=lambda d: print(f"  {'cached ' if d.get('cached') else ''}{d['id']}", flush=True))
+    print("\nmain-loop counts per warp per iteration (SASS, sm_90):")
+    for cid in ids:
+        print("  " + format_count(counts[cid]))
+    _print_decode(counts)
+    if args.counts_only:
+        return 0
+    triton_version = next((c.triton for c in counts.values() if c.triton), "?")
+    env = _env(dev, triton_version)
+    preds = {}
+    for bench in benches:
+        for n, k in SHAPE_PRESETS["design"]:
+            for m in ms:
+                preds[(bench, n, k, m)] = predict(counts, bench, n, k, m, RANK, dev)
+                fused = preds[(bench, n, k, m)]["lora_kernels_fused"]
+                print(f"PREDICTED {bench} {n}x{k} M={m}: " + ", ".join(
+                    f"{p}={preds[(bench, n, k, m)][p][0] * 1e3:.4f}ms" for p in
+                    ("lora_kernels", "lora_kernels_fused", "lora_kernels_dequant", "triton_dense", "cublas_bf16"))
+                      + f"; fused GEMM {[x for x in fused[1] if x.name == '4bit GEMM fwd'][0].detail}",
+                      flush=True)
+    md = markdown(preds, dev, counts, env)
+    print("\n" + md)
+    if args.out != "-":
+        from lora_kernels.bench.results import append_csv
+
+        day = env["date"][:10]
+        csv_path = Path(args.out) / f"static-sm90-{day}.csv"
+        if csv_path.exists():
+            csv_path.unlink()  # one model run per day file: rewritten, not appended
+        append_csv(str(csv_path), prediction_rows(preds, dev, env))
+        (Path(args.out) / f"static-sm90-{day}.md").write_text(md + "\n")
+        print(f"wrote {csv_path} and {csv_path.with_suffix('.md')} (predicted rows)")
+    return 0
+
+
+def _print_decode(counts):
+    """Decode instructions per W element (the budget's figure) for each 4-bit case with a dense twin."""
+    lines = []
+    for cid, c in counts.items():
+        if not c.ok:
+            continue
+        twin = counts.get(dense_twin(cid) or "")
+        if twin is None or not twin.ok:
+            continue
+        lines.append(f"  {cid}: {decode_cost(c, twin):.2f} instr/W element/thread "
+                     f"({c.per_iter} - {twin.per_iter} per warp per iter), wait depth "
+                     f"{'-' if c.wait_depth is None else c.wait_depth} (dense {'-' if twin.wait_depth is None else twin.wait_depth})")
+    if lines:
+        print("\ndecode cost over the dense loop of the same tile:")
+        print("\n".join(lines))
 
 
 def _main_counts(ids, cache, python):
@@ -543,5 +1040,11 @@ def _main_counts(ids, cache, python):
         print(format_count(by[cid]))
 
 
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--count":
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--_worker":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("TRITON_INTERPRET=1: the kernels would be interpreted functions")
+    _compile_worker(sys.argv[3:], sys.argv[2])
+elif __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--count":
     _main_counts(sys.argv[2:], os.environ.get("STATIC_MODEL_CACHE"), None)
+elif __name__ == "__main__" and not (len(sys.argv) > 1 and sys.argv[1] == "--_worker"):
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Issue 10's decode budgets, held on the static sm_90 model's counts (benchmarks/static_model.py).
+
+The 4-bit forward and backward-dx GEMMs are compiled for sm_90 on this CPU (a subprocess without
+TRITON_INTERPRET) with a few of their autotune tiles and the dense (BASE=1) loop of the same tile, and
+their main loops are counted from SASS (instructions) and PTX (what each global load reads). Budgets:
+
+- decode: (I_4bit - I_dense) instructions per warp per iteration * 32 * num_warps / (BLOCK_N * BLOCK_K)
+  <= 3 per W element on the decode tiles (BLOCK_M = 16, M <= 16), <= 4.5 on the large tiles (BLOCK_M >= 64);
+- no global or async load from the code table inside the loop;
+- at most one load per (row, block) from each scale array (the code2 and absmax2 arrays of nested
+  scales included): <= max(pairs, threads x blocks per row), since Triton replicates a per-row vector
+  across the threads when a tile has fewer rows than threads;
+- large tiles: the decode overlaps the tensor-core work: at least one HGMMA group in flight
+  (WARPGROUP.DEPBAR.LE gsb0, >= 1), or, if the loop waits (0x0), the model at M=8192 4096x4096 is
+  tensor-bound, i.e. the decode's issue time is hidden under the tensor time. On the decode tiles the
+  tensor work is a few percent of the loop; their wait depth is printed, not budgeted.
+
+Each case's message gives the measured figure and its budget. `pytest -s` prints all of them.
+"""
+import pytest
+
+from benchmarks import static_model as sm
+
+pytestmark = pytest.mark.slow
+
+# (direction, tile config, M mode): decode tiles at M = 1 (forward) / 16 (dx), the issue's 128x128x64 w8.
+CASES = [
+    ("fwd", "16x64x128 w4 s4", 1),
+    ("fwd", "16x32x128 w4 s4", 1),
+    ("fwd", "128x128x64 w8 s3", 512),
+    ("bwd", "16x64x128 w4 s4", 16),
+    ("bwd", "128x128x64 w8 s3", 512),
+]
+
+
+def _ids():
+    out = []
+    for direction, cfg, m in CASES:
+        cid = sm.case_for("4bit", direction, cfg, m=m)
+        out.append((direction, cfg, m, cid, sm.dense_twin(cid) if cid else None))
+    return out
+
+
+class _Counts(dict):
+    def __repr__(self):  # keeps failure reports to the budget lines
+        return f"<{len(self)} loop counts>"
+
+
+@pytest.fixture(scope="module")
+def counts():
+    ids = [i for _, _, _, a, b in _ids() for i in (a, b) if i]
+    return _Counts(sm.count_cases(ids, workers=2))
+
+
+@pytest.mark.parametrize("direction,config,m", CASES, ids=[f"{d}-{c.replace(' ', '-')}-M{m}" for d, c, m in CASES])
+def test_decode_budgets(direction, config, m, counts):
+    cid = sm.case_for("4bit", direction, config, m=m)
+    if cid is None:
+        pytest.skip(f"configs.py no longer launches {config} for the 4-bit {direction} GEMM")
+    twin = sm.dense_twin(cid)
+    assert twin is not None, f"{cid}: no dense case with the same tile to measure the decode against"
+    c4, cd = counts[cid], counts[twin]
+    assert c4.ok, f"{cid} does not build: {c4.error}"
+    assert cd.ok, f"{twin} does not build: {cd.error}"
+    results = sm.budgets(c4, cd, direction)
+    report = "\n".join(f"  {'ok  ' if b.ok else 'OVER'} {b.name}: {b.text}" for b in results)
+    print(f"\n{cid} (triton {c4.triton}), wait depth {c4.wait_depth}:\n{report}")
+    failed = [b for b in results if not b.ok]
+    assert not failed, f"{cid} (triton {c4.triton}) misses {len(failed)} budget(s):\n{report}"
+
+
+def test_sass_counting_on_a_known_loop():
+    """The counter on a hand-written sm_90 loop: the backward branch delimits it, classes and wait depth."""
+    sass = """
+        /*0100*/                   MOV R1, c[0x0][0x28] ;
+        /*0110*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+        /*0120*/                   LDS R6, [R7] ;
+        /*0130*/                   PRMT R8, R6, 0x7610, R8 ;
+        /*0140*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0150*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0160*/                   F2FP.BF16.F32.PACK_AB R9, R10, R11 ;
+        /*0170*/              @!P5 BRA 0x110 ;
+        /*0180*/                   EXIT ;
+    """
+    instrs = sm.parse_sass(sass)
+    loop = sm.main_loop(sm.find_loops(instrs))
+    assert (loop.start, loop.end, len(loop.instrs)) == (0x110, 0x170, 7)
+    classes = {}
+    for i in loop.instrs:
+        classes[i.cls] = classes.get(i.cls, 0) + 1
+    assert classes == {"async": 1, "lds": 1, "prmt": 1, "tensor": 1, "barrier": 1, "cvt": 1, "control": 1}
+    assert sm.mma_shape(loop.instrs[3])[:3] == (64, 128, 16)
+    lsu, operands, fma = sm._smem_and_fma(loop.instrs, 8)
+    assert fma == 64 * 128 * 16 * 2 and operands == (128 * 16 * 2 + 64 * 16 * 2) * 2
+    assert lsu == (16 * 32 + 4 * 32) * 8
