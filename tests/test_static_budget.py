@@ -67,29 +67,3 @@ def test_decode_budgets(direction, config, m, counts):
     print(f"\n{cid} (triton {c4.triton}), wait depth {c4.wait_depth}:\n{report}")
     failed = [b for b in results if not b.ok]
     assert not failed, f"{cid} (triton {c4.triton}) misses {len(failed)} budget(s):\n{report}"
-
-
-def test_sass_counting_on_a_known_loop():
-    """The counter on a hand-written sm_90 loop: the backward branch delimits it, classes and wait depth."""
-    sass = """
-        /*0100*/                   MOV R1, c[0x0][0x28] ;
-        /*0110*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
-        /*0120*/                   LDS R6, [R7] ;
-        /*0130*/                   PRMT R8, R6, 0x7610, R8 ;
-        /*0140*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
-        /*0150*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
-        /*0160*/                   F2FP.BF16.F32.PACK_AB R9, R10, R11 ;
-        /*0170*/              @!P5 BRA 0x110 ;
-        /*0180*/                   EXIT ;
-    """
-    instrs = sm.parse_sass(sass)
-    loop = sm.main_loop(sm.find_loops(instrs))
-    assert (loop.start, loop.end, len(loop.instrs)) == (0x110, 0x170, 7)
-    classes = {}
-    for i in loop.instrs:
-        classes[i.cls] = classes.get(i.cls, 0) + 1
-    assert classes == {"async": 1, "lds": 1, "prmt": 1, "tensor": 1, "barrier": 1, "cvt": 1, "control": 1}
-    assert sm.mma_shape(loop.instrs[3])[:3] == (64, 128, 16)
-    lsu, operands, fma = sm._smem_and_fma(loop.instrs, 8)
-    assert fma == 64 * 128 * 16 * 2 and operands == (128 * 16 * 2 + 64 * 16 * 2) * 2
-    assert lsu == (16 * 32 + 4 * 32) * 8

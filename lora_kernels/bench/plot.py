@@ -41,9 +41,9 @@ def plot_rows(rows, path: str) -> str:
         from matplotlib.ticker import EngFormatter
     except ImportError:
         raise CLIError("--plot needs matplotlib (pip install 'lora-kernels[plot]')") from None
-    rows, _ = select_gpu(rows)
+    rows, _ = select_gpu(rows)  # drops predicted rows: a plot shows measurements only
     if not rows:
-        raise ValueError("no rows to plot")
+        raise ValueError("no measured rows to plot (predicted rows of the static model are never plotted)")
     layer_benches = [b for b in ("layer_fwd", "layer_fwd_bwd") if any(r["bench"] == b for r in rows)]
     train = [r for r in rows if r["bench"] == "train_step"]
     shapes = sorted({(r["n"], r["k"]) for r in rows if r["bench"] in layer_benches},

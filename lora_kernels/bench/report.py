@@ -7,7 +7,7 @@ includes the LoRA term. Overhead = lora_kernels(r) / lora_kernels(r=0) - 1.
 """
 from __future__ import annotations
 
-from .results import base_provider, latest
+from .results import base_provider, is_predicted, latest, measured
 
 BASELINES = ("peft_bnb", "dequant_cublas", "cublas_bf16")
 TRAIN_BASELINES = ("peft_bnb", "peft_bf16")
@@ -70,8 +70,9 @@ def _ms_of(idx, *key):
 
 
 def select_gpu(rows):
-    """Rows of one device (the one of the last row) so that ratios never mix machines; and the note saying so."""
-    rows = latest(rows)
+    """Rows of one device (the one of the last row) so that ratios never mix machines; and the note saying so.
+    Predicted rows (the static model's) are dropped: tables, targets and plots show measurements only."""
+    rows = latest(measured(rows))
     if not rows:
         return rows, None
     gpus = list(dict.fromkeys(r["gpu"] for r in rows))
@@ -201,7 +202,10 @@ def targets_table(rows):
 def header(rows) -> str:
     if not rows:
         return "no rows"
+    predicted = sum(map(is_predicted, rows))
     rows, note = select_gpu(rows)
+    if not rows:
+        return f"no measured rows ({predicted} predicted rows of the static model skipped: not measurements)"
     last = rows[-1]
     dates = sorted({r["date"] for r in rows})
     when = dates[-1] if len(dates) == 1 else f"{dates[0]} .. {dates[-1]} ({len(dates)} runs)"

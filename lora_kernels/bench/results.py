@@ -173,6 +173,20 @@ def read_csv(path: str) -> list[dict]:
     return rows
 
 
+PREDICTED_SUFFIX = "_predicted"
+
+
+def is_predicted(row: dict) -> bool:
+    """A row of the static cost model (benchmarks/static_model.py: provider '<name>_predicted', gpu '<device>
+    (static model, predicted)'): a prediction, never to be read as a measurement."""
+    return str(row.get("provider", "")).endswith(PREDICTED_SUFFIX) or "predicted" in str(row.get("gpu", "")).lower()
+
+
+def measured(rows: list[dict]) -> list[dict]:
+    """The rows that are measurements: predicted rows dropped."""
+    return [r for r in rows if not is_predicted(r)]
+
+
 def base_provider(label: str) -> str:
     """'lora_kernels[reference]' -> 'lora_kernels': the provider without the note on what backend ran."""
     return label.split("[", 1)[0]
