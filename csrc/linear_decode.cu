@@ -338,8 +338,8 @@ void launch(const Params& p, int path, cudaStream_t stream) {
     decode_generic_kernel<BF16><<<grid, kGenericWarps * 32, 0, stream>>>(p);
     return;
   }
-  int dev = 0, sms = 132;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int sms = 132;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device);
   const int tiles = (a.n + kRows - 1) / kRows;
   const int steps = (a.k + kStep - 1) / kStep;
   // Warps per CTA: about 16 warps per SM in all (enough loads in flight for HBM), never more
@@ -354,6 +354,8 @@ void launch(const Params& p, int path, cudaStream_t stream) {
 }
 
 }  // namespace
+
+thread_local cudaError_t g_last_error = cudaSuccess;
 
 extern "C" {
 
@@ -376,7 +378,7 @@ const char* lk_status_string(int status) {
 
 int lk_decode_path(const lk_decode_args* a) {
   if (!a) return -1;
-  if (a->m < 1 || a->m > 16 || a->n < 1 || a->k < 1 || a->r < 0) return -1;
+  if (a->m < 1 || a->m > 16 || a->n < 1 || a->k < 1 || a->r < 0 || a->device < 0) return -1;
   if ((int64_t)a->n * a->k >= ((int64_t)1 << 31)) return -1;
   if (!a->x || !a->packed || !a->code || !a->absmax || !a->out) return -1;
   if (a->dtype != LK_BF16 && a->dtype != LK_F16) return -1;
@@ -400,11 +402,16 @@ int lk_linear_decode_fwd(const lk_decode_args* args, void* stream) {
   p.log2_bs2 = args->nested ? ilog2_exact(args->blocksize2) : 0;
   p.base3210 = 0x32103210u;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // This library links its own (static) runtime: make the tensors' device current for it.
+  if ((g_last_error = cudaSetDevice(args->device)) != cudaSuccess) return LK_CUDA_ERROR;
   if (args->dtype == LK_BF16)
     launch<true>(p, path, s);
   else
     launch<false>(p, path, s);
-  return cudaGetLastError() == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
+  g_last_error = cudaGetLastError();
+  return g_last_error == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
 }
+
+const char* lk_last_cuda_error(void) { return cudaGetErrorString(g_last_error); }
 
 }  // extern "C"

@@ -8,6 +8,7 @@ extern "C" {
 #endif
 
 #define LK_CSRC_ABI_VERSION 1
+#define LK_API __attribute__((visibility("default")))  // the build hides everything else
 
 enum lk_status {
   LK_OK = 0,
@@ -44,15 +45,17 @@ typedef struct lk_decode_args {
   int32_t dtype;  // enum lk_dtype
   float scaling;
   int32_t force_generic;  // 1: the element-wise kernel even where the fast one applies (tests)
+  int32_t device;         // CUDA device index of every tensor (made current before the launch)
 } lk_decode_args;
 
-int lk_abi_version(void);
-int lk_args_size(void);  // sizeof(lk_decode_args): the loader checks its ctypes mirror against it
-const char* lk_status_string(int status);
+LK_API int lk_abi_version(void);
+LK_API int lk_args_size(void);  // sizeof(lk_decode_args): the loader checks its ctypes mirror against it
+LK_API const char* lk_status_string(int status);
+LK_API const char* lk_last_cuda_error(void);  // this thread's last CUDA error in the library
 // Launches on `stream` (a cudaStream_t); no host sync, no allocation: CUDA-graph capturable.
-int lk_linear_decode_fwd(const lk_decode_args* args, void* stream);
+LK_API int lk_linear_decode_fwd(const lk_decode_args* args, void* stream);
 // Which kernel lk_linear_decode_fwd would launch for these args: 1 fast, 0 generic, <0 bad args.
-int lk_decode_path(const lk_decode_args* args);
+LK_API int lk_decode_path(const lk_decode_args* args);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,245 @@
+"""The optional CUDA library (csrc/, built as lora_kernels/_csrc*.so with LORA_KERNELS_BUILD_CSRC=1).
+
+It holds the decode-shape forward (M <= 16 rows of x) over a bitsandbytes 4-bit weight:
+
+    y = x decode(W)^T + scaling * (xa B^T) + bias          xa = drop(x) A^T, computed before (Triton)
+
+and is called through a C ABI with ctypes, so it does not depend on how torch was built. Nothing is
+loaded at import: `status()` loads it on first use and says why when it could not. LORA_KERNELS_CSRC_LIB
+names another library file (tests use a fake one).
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import threading
+from typing import Optional
+
+import torch
+
+ABI_VERSION = 1  # csrc/lk_csrc.h LK_CSRC_ABI_VERSION
+MAX_M = 16
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+BUILD_HINT = ("build it with `LORA_KERNELS_BUILD_CSRC=1 pip install -e .` (nvcc from PATH or the "
+              "nvidia-cuda-nvcc==13.0.88 wheels; see csrc/README.md)")
+
+
+class DecodeArgs(ctypes.Structure):
+    """Mirror of lk_decode_args (csrc/lk_csrc.h); the loader checks sizeof against the library's."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("x_row", ctypes.c_int64),
+        ("packed", ctypes.c_void_p), ("code", ctypes.c_void_p), ("absmax", ctypes.c_void_p),
+        ("code2", ctypes.c_void_p), ("absmax2", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+        ("xa", ctypes.c_void_p), ("xa_row", ctypes.c_int64), ("xa_col", ctypes.c_int64),
+        ("b", ctypes.c_void_p), ("b_row", ctypes.c_int64), ("b_col", ctypes.c_int64),
+        ("bias", ctypes.c_void_p), ("bias_stride", ctypes.c_int64),
+        ("out", ctypes.c_void_p), ("out_row", ctypes.c_int64),
+        ("m", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("r", ctypes.c_int32),
+        ("blocksize", ctypes.c_int32), ("blocksize2", ctypes.c_int32), ("nested", ctypes.c_int32),
+        ("dtype", ctypes.c_int32), ("scaling", ctypes.c_float), ("force_generic", ctypes.c_int32),
+        ("device", ctypes.c_int32),
+    ]
+
+
+_lock = threading.Lock()
+_state: Optional[dict] = None  # {"lib": CDLL or None, "path": str or None, "reason": str or None}
+
+
+def library_path() -> Optional[str]:
+    """The library file to load: $LORA_KERNELS_CSRC_LIB, else lora_kernels/_csrc*.so, else None."""
+    override = os.environ.get("LORA_KERNELS_CSRC_LIB")
+    if override:
+        return override
+    found = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_csrc*.so")))
+    return found[0] if found else None
+
+
+def _load() -> dict:
+    path = library_path()
+    if path is None:
+        return dict(lib=None, path=None, reason=f"not built: no lora_kernels/_csrc*.so; {BUILD_HINT}")
+    if not os.path.exists(path):
+        return dict(lib=None, path=path, reason=f"not found: {path} does not exist")
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        return dict(lib=None, path=path, reason=f"failed to load {path}: {e}")
+    try:
+        lib.lk_abi_version.restype = ctypes.c_int
+        lib.lk_args_size.restype = ctypes.c_int
+        lib.lk_status_string.restype = ctypes.c_char_p
+        lib.lk_status_string.argtypes = [ctypes.c_int]
+        lib.lk_last_cuda_error.restype = ctypes.c_char_p
+        lib.lk_linear_decode_fwd.restype = ctypes.c_int
+        lib.lk_linear_decode_fwd.argtypes = [ctypes.POINTER(DecodeArgs), ctypes.c_void_p]
+        lib.lk_decode_path.restype = ctypes.c_int
+        lib.lk_decode_path.argtypes = [ctypes.POINTER(DecodeArgs)]
+    except AttributeError as e:
+        return dict(lib=None, path=path, reason=f"{path} lacks a symbol of the C ABI: {e}")
+    version, size = lib.lk_abi_version(), lib.lk_args_size()
+    if version != ABI_VERSION:
+        return dict(lib=None, path=path,
+                    reason=f"{path} has C ABI version {version}, this package needs {ABI_VERSION}: rebuild it")
+    if size != ctypes.sizeof(DecodeArgs):
+        return dict(lib=None, path=path, reason=f"{path} has an lk_decode_args of {size} bytes, the loader's "
+                                                f"mirror has {ctypes.sizeof(DecodeArgs)}: rebuild it")
+    return dict(lib=lib, path=path, reason=None)
+
+
+def _get() -> dict:
+    global _state
+    with _lock:
+        if _state is None:
+            _state = _load()
+        return _state
+
+
+def reset() -> None:
+    """Forget the loaded library (tests; a later call loads again, from library_path())."""
+    global _state
+    with _lock:
+        _state = None
+
+
+def status() -> dict:
+    """{'found': bool, 'path': str or None, 'reason': why not, or None}: what lk.backends() reports."""
+    s = _get()
+    return dict(found=s["lib"] is not None, path=s["path"], reason=s["reason"])
+
+
+def available() -> bool:
+    return _get()["lib"] is not None
+
+
+def _library():
+    s = _get()
+    if s["lib"] is None:
+        raise RuntimeError(f"the lora_kernels CUDA library is unavailable: {s['reason']}")
+    return s["lib"]
+
+
+def unsupported_reason(x: torch.Tensor, is_4bit: bool) -> Optional[str]:
+    """Why the fused op's forward cannot run here (None when it can), library aside."""
+    if not is_4bit:
+        return "the weight is not 4-bit (the kernel decodes bitsandbytes NF4/FP4 only)"
+    if x.device.type != "cuda":
+        return f"x is on {x.device.type}, the kernel needs CUDA tensors"
+    if x.dtype not in _DTYPES:
+        return f"x is {x.dtype}, the kernel takes bfloat16 or float16"
+    if not 1 <= x.shape[0] <= MAX_M:
+        return f"x has {x.shape[0]} rows, the kernel takes 1..{MAX_M}"
+    return None
+
+
+def use_for_forward(x: torch.Tensor, is_4bit: bool, forced: bool) -> bool:
+    """Whether lora_kernels::linear_fwd runs this library: by default for 4-bit weights, CUDA, M <= 16,
+    bf16/fp16, when the library loaded. forced (LORA_KERNELS_PATH=csrc): always, or a clear error."""
+    why = unsupported_reason(x, is_4bit)
+    if not forced:
+        return why is None and available()
+    if why is not None:
+        raise ValueError(f"LORA_KERNELS_PATH=csrc, but {why}")
+    _library()  # raises with the reason when missing
+    return True
+
+
+# Seams for the tests' fake library, which runs on CPU tensors.
+def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, x on {device}: every tensor must be on one CUDA device")
+    if device.type != "cuda":
+        raise ValueError(f"{name} is on {device}: the csrc kernel needs CUDA tensors")
+
+
+def _current_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], scaling: float, out: Optional[torch.Tensor] = None,
+                      force_generic: bool = False) -> torch.Tensor:
+    """out[M, N] = x decode(W)^T + scaling * xa b^T + bias, on x's current CUDA stream (graph-capturable).
+
+    x [M, K] bf16/fp16 with M <= 16; q a lora_kernels.nf4.Quant4bit; xa [M, r] and b [N, r] in x's dtype
+    (or both None); bias [N] or None; out [M, N] in x's dtype with unit inner stride (allocated if None).
+    force_generic runs the exact element-wise kernel (tests).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be bfloat16 or float16, got {x.dtype}")
+    m, k = x.shape
+    n, kw = q.shape
+    if kw != k:
+        raise ValueError(f"x has K={k} but the 4-bit weight is {n}x{kw}")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"x has M={m} rows; the csrc kernel takes 1..{MAX_M}")
+    device = x.device
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if q.packed.dtype != torch.uint8 or q.packed.numel() != (n * k + 1) // 2:
+        raise ValueError(f"packed weight must be {(n * k + 1) // 2} uint8 bytes, got {q.packed.numel()} {q.packed.dtype}")
+    if q.code.dtype != torch.float32 or q.code.numel() != 16:
+        raise ValueError(f"code must be 16 fp32 entries, got {tuple(q.code.shape)} {q.code.dtype}")
+    blocks = -(-(n * k) // q.blocksize)
+    want = torch.uint8 if q.nested else torch.float32
+    if q.absmax.dtype != want or q.absmax.numel() != blocks:
+        raise ValueError(f"absmax must be {blocks} {want} entries, got {q.absmax.numel()} {q.absmax.dtype}")
+    tensors = [("x", x), ("packed", q.packed), ("code", q.code), ("absmax", q.absmax)]
+    if q.nested:
+        for name, t in (("code2", q.code2), ("absmax2", q.absmax2), ("offset", q.offset)):
+            if t.dtype != torch.float32:
+                raise ValueError(f"{name} must be fp32, got {t.dtype}")
+            tensors.append((name, t))
+    r = 0
+    if (xa is None) != (b is None):
+        raise ValueError("xa and b come together (both None without LoRA)")
+    if xa is not None:
+        r = xa.shape[1]
+        if xa.shape != (m, r) or b.shape != (n, r):
+            raise ValueError(f"xa {tuple(xa.shape)} and b {tuple(b.shape)} must be [{m}, r] and [{n}, r]")
+        if xa.dtype != x.dtype or b.dtype != x.dtype:
+            raise TypeError(f"xa ({xa.dtype}) and b ({b.dtype}) must be in x's dtype {x.dtype}")
+        tensors += [("xa", xa), ("b", b)]
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        tensors.append(("bias", bias))
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} with unit inner stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    tensors.append(("out", out))
+    for name, t in tensors:
+        _check_device(t, name, device)
+    lib = _library()
+    args = DecodeArgs(
+        x=x.data_ptr(), x_row=x.stride(0), packed=q.packed.data_ptr(), code=q.code.data_ptr(),
+        absmax=q.absmax.data_ptr(),
+        code2=_ptr(q.code2 if q.nested else None), absmax2=_ptr(q.absmax2 if q.nested else None),
+        offset=_ptr(q.offset if q.nested else None),
+        xa=_ptr(xa), xa_row=xa.stride(0) if xa is not None else 0, xa_col=xa.stride(1) if xa is not None else 0,
+        b=_ptr(b), b_row=b.stride(0) if b is not None else 0, b_col=b.stride(1) if b is not None else 0,
+        bias=_ptr(bias), bias_stride=bias.stride(0) if bias is not None else 0,
+        out=out.data_ptr(), out_row=out.stride(0),
+        m=m, n=n, k=k, r=r, blocksize=q.blocksize, blocksize2=q.blocksize2 if q.nested else 0,
+        nested=int(q.nested), dtype=_DTYPES[x.dtype], scaling=float(scaling), force_generic=int(force_generic),
+        device=device.index if device.index is not None else 0,
+    )
+    rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(device)))
+    if rc != 0:
+        detail = lib.lk_status_string(rc).decode()
+        if rc == 2:
+            detail += f": {lib.lk_last_cuda_error().decode()}"
+        raise RuntimeError(f"lk_linear_decode_fwd returned {rc} ({detail}) for x {tuple(x.shape)} {x.dtype}, "
+                           f"weight {n}x{k} blocksize {q.blocksize}{' nested' if q.nested else ''}, r={r}")
+    return out
