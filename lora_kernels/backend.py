@@ -55,4 +55,7 @@ def backends() -> dict:
         import triton
 
         found["triton"] = triton.__version__
+    from . import csrc
+
+    found["csrc"] = csrc.status()  # the optional CUDA library: found, or why not
     return found

@@ -1,0 +1,214 @@
+"""lora_kernels.csrc without a GPU: a fake library (gcc, the real csrc/lk_csrc.h) stands in for
+lora_kernels/_csrc*.so and records what the loader passes: missing library, failed load, ABI checks,
+argument marshalling (pointers, strides, stream), status codes, and the fused op's dispatch."""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels import csrc
+from lora_kernels.nf4 import read_quant_state
+from tests._util import quantized
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FAKE = r"""
+#include "lk_csrc.h"
+#ifndef FAKE_ABI
+#define FAKE_ABI LK_CSRC_ABI_VERSION
+#endif
+static lk_decode_args last;
+static void* last_stream;
+static int calls, next_status;
+int lk_abi_version(void) { return FAKE_ABI; }
+int lk_args_size(void) { return (int)sizeof(lk_decode_args); }
+const char* lk_status_string(int s) { return s == 0 ? "ok" : "fake failure"; }
+const char* lk_last_cuda_error(void) { return "fake cuda error"; }
+int lk_decode_path(const lk_decode_args* a) { return a->m <= 16 ? 1 : -1; }
+int lk_linear_decode_fwd(const lk_decode_args* a, void* stream) {
+  last = *a; last_stream = stream; ++calls; return next_status;
+}
+LK_API void fake_last_args(lk_decode_args* out) { *out = last; }
+LK_API void* fake_last_stream(void) { return last_stream; }
+LK_API int fake_calls(void) { return calls; }
+LK_API void fake_set_status(int s) { next_status = s; }
+"""
+
+
+def _build(tmp_path, name, *defines):
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("gcc not found: the fake csrc library is built with it")
+    src, lib = tmp_path / f"{name}.c", tmp_path / f"{name}.so"
+    src.write_text(FAKE)
+    cmd = [gcc, "-std=c99", "-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-I", os.path.join(ROOT, "csrc"),
+           *defines, str(src), "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return str(lib)
+
+
+@pytest.fixture
+def use_lib(monkeypatch):
+    """Points the loader at a library file (or None: the package's own _csrc*.so lookup) for one test."""
+    def point(path):
+        if path is None:
+            monkeypatch.delenv("LORA_KERNELS_CSRC_LIB", raising=False)
+        else:
+            monkeypatch.setenv("LORA_KERNELS_CSRC_LIB", path)
+        csrc.reset()
+    yield point
+    csrc.reset()
+
+
+@pytest.fixture
+def fake(tmp_path, use_lib, monkeypatch):
+    """The fake library, loaded, with the CUDA-only seams opened so CPU tensors go through."""
+    path = _build(tmp_path, "fake")
+    use_lib(path)
+    monkeypatch.setattr(csrc, "_check_device", lambda t, name, device: None)
+    monkeypatch.setattr(csrc, "_current_stream", lambda device: 0x5EED0)
+    lib = ctypes.CDLL(path)  # the same handle the loader got (dlopen by path)
+    lib.fake_last_stream.restype = ctypes.c_void_p
+    lib.fake_last_args.argtypes = [ctypes.POINTER(csrc.DecodeArgs)]
+    lib.fake_set_status(0)
+    return lib
+
+
+def _last(lib):
+    a = csrc.DecodeArgs()
+    lib.fake_last_args(ctypes.byref(a))
+    return a
+
+
+def test_missing_library(use_lib, monkeypatch, tmp_path):
+    monkeypatch.setattr(csrc, "__file__", str(tmp_path / "csrc.py"))  # a package dir without _csrc*.so
+    use_lib(None)
+    st = csrc.status()
+    assert not st["found"] and st["path"] is None and "not built" in st["reason"]
+    assert "LORA_KERNELS_BUILD_CSRC=1" in st["reason"]
+    assert not csrc.available()
+    with pytest.raises(RuntimeError, match="unavailable: not built"):
+        csrc._library()
+    use_lib(str(tmp_path / "nowhere.so"))
+    assert "does not exist" in csrc.status()["reason"]
+
+
+def test_failed_load(use_lib, tmp_path):
+    bad = tmp_path / "_csrc.bad.so"
+    bad.write_text("not an ELF file")
+    use_lib(str(bad))
+    st = csrc.status()
+    assert not st["found"] and st["path"] == str(bad) and st["reason"].startswith("failed to load")
+
+
+def test_abi_mismatch(use_lib, tmp_path):
+    use_lib(_build(tmp_path, "old", "-DFAKE_ABI=99"))
+    st = csrc.status()
+    assert not st["found"] and "C ABI version 99" in st["reason"]
+
+
+def test_import_and_backends_survive_a_broken_library(use_lib, tmp_path):
+    bad = tmp_path / "broken.so"
+    bad.write_bytes(b"\x7fELF garbage")
+    use_lib(str(bad))
+    found = lora_kernels.backends()["csrc"]
+    assert found["found"] is False and "failed to load" in found["reason"]
+
+
+def test_struct_mirror_matches_header(fake):
+    assert csrc.status() == dict(found=True, path=os.environ["LORA_KERNELS_CSRC_LIB"], reason=None)
+    assert fake.lk_args_size() == ctypes.sizeof(csrc.DecodeArgs)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_marshalling(fake, nested):
+    n, k, m, r = 96, 256, 3, 8
+    packed, state, _ = quantized(n, k, nested=nested, blocksize=128)
+    q = read_quant_state(packed, state)
+    big = torch.randn(m, k + 64, dtype=torch.bfloat16)
+    x = big[:, 32:32 + k]                                          # row stride k + 64
+    xa = torch.randn(r, m, dtype=torch.bfloat16).t()               # strides (1, m)
+    b = torch.randn(r, n, dtype=torch.bfloat16).t()                # strides (1, n)
+    bias = torch.randn(2 * n, dtype=torch.bfloat16)[::2]           # stride 2
+    out = torch.empty(m, n + 5, dtype=torch.bfloat16)[:, :n]       # row stride n + 5
+    got = csrc.linear_decode_fwd(x, q, xa, b, bias, 0.25, out=out)
+    assert got is out and fake.fake_calls() >= 1
+    a = _last(fake)
+    assert (a.x, a.x_row) == (x.data_ptr(), k + 64)
+    assert (a.packed, a.code, a.absmax) == (q.packed.data_ptr(), q.code.data_ptr(), q.absmax.data_ptr())
+    if nested:
+        assert (a.code2, a.absmax2, a.offset) == (q.code2.data_ptr(), q.absmax2.data_ptr(), q.offset.data_ptr())
+        assert (a.nested, a.blocksize2) == (1, q.blocksize2)
+    else:
+        assert (a.code2, a.absmax2, a.offset, a.nested) == (None, None, None, 0)
+    assert (a.xa, a.xa_row, a.xa_col) == (xa.data_ptr(), 1, m)
+    assert (a.b, a.b_row, a.b_col) == (b.data_ptr(), 1, n)
+    assert (a.bias, a.bias_stride) == (bias.data_ptr(), 2)
+    assert (a.out, a.out_row) == (out.data_ptr(), n + 5)
+    assert (a.m, a.n, a.k, a.r, a.blocksize) == (m, n, k, r, 128)
+    assert (a.dtype, a.scaling, a.force_generic, a.device) == (0, 0.25, 0, 0)
+    assert fake.fake_last_stream() == 0x5EED0
+
+
+def test_marshalling_without_lora_fp16(fake):
+    packed, state, _ = quantized(32, 64, dtype=torch.float16, nested=False)
+    q = read_quant_state(packed, state)
+    x = torch.randn(16, 64, dtype=torch.float16)
+    out = csrc.linear_decode_fwd(x, q, None, None, None, 1.0, force_generic=True)
+    a = _last(fake)
+    assert out.shape == (16, 32) and out.dtype == torch.float16
+    assert (a.xa, a.b, a.bias, a.r, a.dtype, a.force_generic, a.m) == (None, None, None, 0, 1, 1, 16)
+    assert a.out == out.data_ptr() and a.out_row == 32
+
+
+def test_bad_arguments_are_refused_before_the_call(fake):
+    packed, state, _ = quantized(32, 64, nested=False)
+    q = read_quant_state(packed, state)
+    calls = fake.fake_calls()
+    with pytest.raises(ValueError, match="M=17"):
+        csrc.linear_decode_fwd(torch.randn(17, 64, dtype=torch.bfloat16), q, None, None, None, 1.0)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        csrc.linear_decode_fwd(torch.randn(2, 64), q, None, None, None, 1.0)
+    with pytest.raises(ValueError, match="K=63"):
+        csrc.linear_decode_fwd(torch.randn(2, 63, dtype=torch.bfloat16), q, None, None, None, 1.0)
+    with pytest.raises(ValueError, match="xa and b"):
+        csrc.linear_decode_fwd(torch.randn(2, 64, dtype=torch.bfloat16), q,
+                               torch.randn(2, 4, dtype=torch.bfloat16), None, None, 1.0)
+    with pytest.raises(TypeError, match="x's dtype"):
+        csrc.linear_decode_fwd(torch.randn(2, 64, dtype=torch.bfloat16), q, torch.randn(2, 4),
+                               torch.randn(32, 4), None, 1.0)
+    assert fake.fake_calls() == calls
+
+
+def test_library_error_is_raised(fake):
+    packed, state, _ = quantized(32, 64, nested=False)
+    q = read_quant_state(packed, state)
+    fake.fake_set_status(2)
+    with pytest.raises(RuntimeError, match="fake failure: fake cuda error"):
+        csrc.linear_decode_fwd(torch.randn(2, 64, dtype=torch.bfloat16), q, None, None, None, 1.0)
+
+
+def test_device_check_refuses_cpu_tensors(use_lib, tmp_path):
+    use_lib(_build(tmp_path, "fake"))
+    packed, state, _ = quantized(32, 64, nested=False)
+    q = read_quant_state(packed, state)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        csrc.linear_decode_fwd(torch.randn(2, 64, dtype=torch.bfloat16), q, None, None, None, 1.0)
+
+
+def test_use_for_forward(use_lib, fake, monkeypatch, tmp_path):
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    assert csrc.use_for_forward(x, True, forced=False) is False          # CPU tensors: never by default
+    with pytest.raises(ValueError, match="LORA_KERNELS_PATH=csrc, but x is on cpu"):
+        csrc.use_for_forward(x, True, forced=True)
+    monkeypatch.setattr(csrc, "unsupported_reason", lambda x, is_4bit: None)  # as if CUDA
+    assert csrc.use_for_forward(x, True, forced=False) is True
+    use_lib(str(tmp_path / "missing.so"))
+    assert csrc.use_for_forward(x, True, forced=False) is False
+    with pytest.raises(RuntimeError, match="unavailable: not found"):
+        csrc.use_for_forward(x, True, forced=True)
