@@ -60,6 +60,8 @@ class PatchReport:
                an active LoRA variant, bitsandbytes' CPU-repacked weight...), fall back to PEFT's forward at
                run time; they switch to the fused ops by themselves once that state changes.
     kinds:     {name: "Linear4bit" | "Linear"} for the patched layers.
+    notes:     what else decides the path at run time (CPU inference under LORA_KERNELS_BACKEND=auto runs PEFT's
+               forward, see _cpu_inference).
     unpatched: names of layers that an earlier call patched and this call restored to PEFT's forward, because
                a reason in `skipped` applies to them now (a hook added to the base layer since, ...).
     """
@@ -69,6 +71,7 @@ class PatchReport:
     fallbacks: dict = field(default_factory=dict)
     kinds: dict = field(default_factory=dict)
     unpatched: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     def __str__(self) -> str:
         total = len(self.patched) + len(self.skipped)
@@ -86,6 +89,7 @@ class PatchReport:
             for reason, names in by_reason.items():
                 more = f" and {len(names) - 1} more" if len(names) > 1 else ""
                 lines.append(f"    {len(names)} x {reason} (e.g. {names[0]}{more})")
+        lines.extend(f"  note: {note}" for note in self.notes)
         if self.unpatched:
             more = f" and {len(self.unpatched) - 1} more" if len(self.unpatched) > 1 else ""
             lines.append(f"  un-patched now (patched before, skipped for the reason above): {len(self.unpatched)} "
@@ -262,8 +266,29 @@ def _fast_path_terms(self, args, kwargs):
     return _lora_terms(self)
 
 
+_CPU_NOTE = "on CPU, eval calls without grad run PEFT's forward (faster there; see docs/patching.md)"
+
+
+def _cpu_inference(self, x):
+    """True for an eval-mode, no-grad call on CPU tensors under LORA_KERNELS_BACKEND=auto: PEFT's forward runs it,
+    because bitsandbytes has CPU inference kernels (a GEMV at one row, its AVX512 layout) that the op's PyTorch
+    path cannot beat (measured: 0.2-0.6x of stock per layer call at small shapes). Training calls (grad enabled, or
+    train mode: reentrant checkpointing runs its first forward without grad) keep the fused op, so a forward
+    and its recomputation always take the same path."""
+    return (x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
+            and _backend_setting() == "auto")
+
+
+def _backend_setting():
+    from .backend import backend_setting
+
+    return backend_setting()
+
+
 def _forward_4bit(self, x, *args, **kwargs):
     """Fused forward of a PEFT lora.bnb.Linear4bit layer (see the module docstring)."""
+    if _cpu_inference(self, x):
+        return type(self).forward(self, x, *args, **kwargs)
     terms = _fast_path_terms(self, args, kwargs)
     if terms.__class__ is str:
         return _fallback(self, terms, x, args, kwargs)
@@ -295,6 +320,8 @@ def _forward_4bit(self, x, *args, **kwargs):
 
 def _forward_dense(self, x, *args, **kwargs):
     """Fused forward of a PEFT lora.Linear layer with an nn.Linear base (see the module docstring)."""
+    if _cpu_inference(self, x):
+        return type(self).forward(self, x, *args, **kwargs)
     terms = _fast_path_terms(self, args, kwargs)
     if terms.__class__ is str:
         return _fallback(self, terms, x, args, kwargs)
@@ -442,6 +469,9 @@ def patch_peft_model(model) -> PatchReport:
         now = _current_reason(module, kind)
         if now is not None:
             report.fallbacks[name] = now
+    if any(m.base_layer.weight.device.type == "cpu" for n, m, k in layers if n in report.kinds) and \
+            _backend_setting() == "auto":
+        report.notes.append(_CPU_NOTE)
     return report
 
 

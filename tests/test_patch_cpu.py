@@ -127,3 +127,54 @@ def test_auto_equals_reference_without_dropout(monkeypatch):
     got = lk.qlora_linear(x, packed, state, a, b, 0.5, training=True)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "reference")
     assert torch.equal(got, lk.qlora_linear(x, packed, state, a, b, 0.5, training=True))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests._models import save_model
+
+    return save_model(tmp_path_factory.mktemp("llama") / "tiny")
+
+
+def _count_op_calls(monkeypatch):
+    from lora_kernels.ops import fused_linear
+
+    calls = []
+    real = fused_linear.qlora_linear
+    monkeypatch.setattr(fused_linear, "qlora_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def test_cpu_inference_runs_peft_forward_training_runs_the_op(model_dir, monkeypatch):
+    import warnings
+
+    from tests._models import load_peft, step, token_batch
+
+    pm = load_peft(model_dir)
+    for module in pm.modules():  # keep bitsandbytes' CPU repacking out of this comparison
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    ids = token_batch()
+    pm.eval()
+    with torch.no_grad():
+        stock = pm(input_ids=ids).logits
+    report = lk.patch_peft_model(pm)
+    assert any("eval calls without grad run PEFT's forward" in n for n in report.notes) and "note:" in str(report)
+    calls = _count_op_calls(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lk.FallbackWarning)  # a path choice, not a fallback: no warning
+        with torch.no_grad():
+            got = pm(input_ids=ids).logits
+    assert calls == [] and torch.equal(got, stock)
+    pm.train()
+    with torch.no_grad():  # train mode without grad (reentrant checkpointing's first pass): the op
+        pm(input_ids=ids)
+    assert len(calls) == 14
+    step(pm, ids)
+    assert len(calls) == 28
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "reference")  # forces the op for every call
+    pm.eval()
+    with torch.no_grad():
+        pm(input_ids=ids)
+    assert len(calls) == 42
+    assert not lk.patch_peft_model(pm).notes
