@@ -223,7 +223,7 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
         _check_device(t, name, device)
     lib = _library()
     args = DecodeArgs(
-        x=x.data_ptr(), x_row=x.stride(0), packed=q.packed.data_ptr(), code=q.code.data_ptr(),
+        x=x.data_ptr(), x_row=x.stride(0) if m > 1 else k, packed=q.packed.data_ptr(), code=q.code.data_ptr(),
         absmax=q.absmax.data_ptr(),
         code2=_ptr(q.code2 if q.nested else None), absmax2=_ptr(q.absmax2 if q.nested else None),
         offset=_ptr(q.offset if q.nested else None),
