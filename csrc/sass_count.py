@@ -1,6 +1,10 @@
-"""Counts the main loop of each fast decode kernel in `cuobjdump --dump-sass` output.
+"""Checks the built library from cuobjdump's output, without a GPU.
 
-    python csrc/sass_count.py SASS_FILE [--budget 3.0] [--budget-prescaled X]
+    python csrc/sass_count.py SASS_FILE [--budget 3.0] [--budget-prescaled X] [--resources RES_FILE]
+
+SASS_FILE: `cuobjdump --dump-sass`; counts the main loop of each fast decode kernel.
+RES_FILE: `cuobjdump --dump-resource-usage`; prints registers per kernel, fails on stack or local memory
+(spills).
 
 The main loop is the backward branch whose body holds the HMMAs. Each lane feeds one
 m16n8k16 MMA per 8 weight elements per n8 token tile, so elements per lane = 8 * HMMA / NT.
@@ -56,15 +60,57 @@ def demangled_flags(name):
     return dict(dtype="bf16" if bf16 else "fp16", nt=nt, nested=bool(nested), scale_after=bool(after))
 
 
+def label(name):
+    f = demangled_flags(name)
+    if f is None:
+        m = re.search(r"decode_generic_kernelILb(\d)E", name)
+        return f"generic {'bf16' if m and m.group(1) == '1' else 'fp16'}" if m else name
+    return (f"fast {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} {'nested' if f['nested'] else 'fp32-absmax'} "
+            f"{'scale-after' if f['scale_after'] else 'prescaled'}")
+
+
+def check_resources(text):
+    """Lines of 'arch kernel: REG n' and the problems (stack/local memory) found."""
+    rows, bad, arch, name = [], [], None, None
+    for line in text.splitlines():
+        m = re.search(r"arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and name:
+            reg, stack, shared, local = (int(v) for v in m.groups())
+            short = label(name)
+            rows.append((arch, short, reg, shared))
+            if stack or local:
+                bad.append(f"{arch} {name}: STACK {stack} LOCAL {local} (spills or local arrays)")
+            name = None
+    return sorted(set(rows)), bad
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--resources", default=None)
     ap.add_argument("sass")
     ap.add_argument("--budget", type=float, default=3.0)
     ap.add_argument("--budget-prescaled", type=float, default=None)
     args = ap.parse_args()
     over = []
+    if args.resources:
+        res, bad = check_resources(open(args.resources).read())
+        for arch, kernel, reg, shared in res:
+            print(f"{arch} {kernel}: {reg} registers/thread, {shared} B static shared memory")
+        over += bad
+        if not res:
+            over.append("no kernel found in the resource usage")
     rows = 0
+    seen = set()
     for arch, name, ins in parse(open(args.sass).read()):
+        if (arch, name) in seen:  # the fatbin may list each cubin twice
+            continue
+        seen.add((arch, name))
         flags = demangled_flags(name)
         if flags is None:
             continue
@@ -77,9 +123,7 @@ def main():
         per = len(body) / elems
         budget = args.budget if flags["scale_after"] or args.budget_prescaled is None else args.budget_prescaled
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
-        print(f"{arch} {flags['dtype']} M{'<=8' if flags['nt'] == 1 else '<=16'} "
-              f"{'nested' if flags['nested'] else 'fp32-absmax'} "
-              f"{'scale-after' if flags['scale_after'] else 'prescaled'}: {len(body)} instructions / {elems} "
+        print(f"{arch} {label(name)}: {len(body)} instructions / {elems} "
               f"elements per lane = {per:.2f} per element (budget {budget}) [{top}]")
         rows += 1
         if per > budget:
