@@ -1,7 +1,8 @@
 """Static sm_90 cost model: the kernels' main loops counted from SASS, and times predicted from them.
 
-    python -m benchmarks.static_model [--device H100|H200] [--bench layer_fwd,layer_fwd_bwd] [--out DIR]
-                                     [--cache DIR] [--counts-only] [--count CASE_ID ...]
+    python -m benchmarks.static_model [--device H100,H200] [--bench layer_fwd,layer_fwd_bwd] [--m 1,16,...]
+                                     [--out DIR] [--cache DIR] [--python PY] [--workers N] [--counts-only]
+    python -m benchmarks.static_model --count CASE_ID ...      (one line of counts per case)
 
 No GPU is needed. Each kernel/config the package can launch is compiled for sm_90 on this CPU the way
 tests/_gpu_compile.py does (its cases(), specialize() and build(): triton.compile(ASTSource(...),
@@ -28,17 +29,26 @@ target=GPUTarget("cuda", 90, 32))), in a subprocess without TRITON_INTERPRET. Th
   pass for a measurement (lora_kernels.bench.report/plot refuse such rows); and
   benchmarks/results/static-sm90-<date>.md, a table headed "Predicted by the static model, not measured".
 
-Calibration (once, on paper): with the figures of DEVICES as cited, the dense Triton GEMM (BASE=1,
-128x128x64, 8 warps) comes out tensor-bound, its loop issue time ~0.3x its tensor time; the only
-fitted figure is the reachable tensor rate, set to cuBLAS's measured bf16 8192^3 rate (~780 of 989
-TFLOP/s, DESIGN.md) so that this dense kernel lands at ~1.0x cuBLAS at M = 8192, i.e. on its roofline.
-Issue and shared-memory rates are peak figures: issue-bound predictions are lower bounds (latency,
-dependent-issue stalls and bank conflicts are not modelled), as are HBM times (the compulsory bytes).
+Calibration (once, on paper): the dense Triton GEMM (BASE=1, the package's bf16 path) must land near its
+roofline. With every figure of DEVICES as cited, its 128x128x64 loop issues in ~0.34x its tensor time. The
+only fitted figure is the reachable tensor rate, cuBLAS's measured bf16 rate (~780 of 989 TFLOP/s,
+DESIGN.md). Counting HGMMA's shared-memory operand reads and the load/store unit's traffic (cp.async,
+LDS, STS) as one 128 B/clk stream made that dense loop smem-bound at ~0.85x cuBLAS; the model treats them
+as two paths of 128 B/clk each, and the dense GEMM then comes out tensor-bound, at 1.07-1.11x the roofline
+time at M = 8192 (the rest: per-tile prologue/epilogue and the last wave). That is the calibration; the
+run prints it. Not modelled, so issue- and latency-bound times are lower bounds: dependent-issue stalls,
+bank conflicts, L2 bandwidth and hit rates (HBM bytes are the compulsory ones), host overhead. Assumed,
+not cited: one memory round trip 600 ns, 2 us per kernel launched back to back, ~85 bytes and 7 PyTorch
+launches per call for block_scales() on nested scales.
 
 API for tests and scripts (`from benchmarks import static_model as sm`):
-    sm.count_loop(case_or_id) -> LoopCount        one case of tests/_gpu_compile.cases(), compiled and counted
-    sm.count_cases(ids, cache=None) -> {id: LoopCount}   several, in one clean subprocess
+    sm.count_loop(case_or_id, cache=None, python=None) -> LoopCount   one case of tests/_gpu_compile.cases(),
+        compiled in a clean subprocess and counted (python: another venv's interpreter, e.g. triton 3.6)
+    sm.count_cases(ids, cache=None, python=None, workers=1) -> {id: LoopCount}
+    sm.case_for("4bit" | "dense", "fwd" | "bwd", "128x128x64 w8 s3", m=512) -> case id (m=1: the M = 1 mode)
+    sm.dense_twin(case_id) -> the dense case with the same tile;  sm.format_count(LoopCount) -> one line
     sm.decode_cost(count_4bit, count_dense) -> instructions per W element per thread (the budget's figure)
+    sm.budgets(count_4bit, count_dense, "fwd" | "bwd") -> [Budget]   issue 10's budgets, as the CI test holds them
 Every time this module prints is a prediction and says so.
 """
 from __future__ import annotations
@@ -344,16 +354,6 @@ class LoopCount:
     other_tensor_fma: int = 0  # per CTA, outside the main loop
     loop_branches: int = 0  # forward branches inside the loop body (counts assume every path runs)
     has_loop: bool = True
-
-    def load_bytes(self, param_substr):
-        """Bytes per CTA iteration loaded from parameters whose name contains param_substr."""
-        threads = 32 * self.num_warps
-        return sum(sum(ws) * threads for k, ws in self.loads.items() if param_substr in k)
-
-    def load_count(self, param_substr):
-        """Thread-level loads per CTA iteration from parameters whose name contains param_substr."""
-        threads = 32 * self.num_warps
-        return sum(len(ws) * threads for k, ws in self.loads.items() if param_substr in k)
 
 
 def _block(case):
@@ -817,7 +817,7 @@ def best_gemm(counts, weight, direction, m, out_features, red, r, dev):
             continue
         bm, bn, bk = c.block
         ctas = math.ceil(m / bm) * math.ceil(out_features / bn)
-        w_bytes = out_features * red * (0.5 + SCALE_BYTES / BS) if four_bit else 2 * out_features * red
+        w_bytes = out_features * red * (0.5 + scale_bytes(c) / BS) if four_bit else 2 * out_features * red
         hbm = w_bytes + 2 * (m * red + m * out_features + m * r + out_features * r)
         t = loop_kernel_time(f"{weight} GEMM {direction}", c, dev, ctas=ctas, iters=math.ceil(red / bk), hbm_bytes=hbm)
         if best is None or t.seconds < best[0].seconds:
@@ -825,6 +825,17 @@ def best_gemm(counts, weight, direction, m, out_features, red, r, dev):
     if best is None:
         raise RuntimeError(f"no candidate of the {weight} {direction} GEMM builds for M={m}")
     return best
+
+
+def nested_in_kernel(c: LoopCount) -> bool:
+    """Whether the 4-bit loop decodes double-quantized scales itself (reads the uint8 absmax), so that no
+    PyTorch block_scales pass runs per call."""
+    return any("absmax" in k for k in c.loads)
+
+
+def scale_bytes(c: LoopCount) -> int:
+    """Scale bytes per block the 4-bit loop streams: 1 (uint8 absmax, nested decoded in-kernel) or 4 (fp32)."""
+    return 1 if nested_in_kernel(c) else SCALE_BYTES
 
 
 def lora_down_time(counts, m, k, r, dev):
@@ -858,7 +869,7 @@ def predict(counts, bench, n, k, m, r, dev, path_min_m=None):
     down = lora_down_time(counts, m, k, r, dev)
     scales = host_scales(n, k, dev)
     fwd_fused, cfg_f = best_gemm(counts, "4bit", "fwd", m, n, k, r, dev)
-    fused = [scales, down, fwd_fused]
+    fused = [down, fwd_fused] if nested_in_kernel(cfg_f) else [scales, down, fwd_fused]
     deq = [down, scales, dequant_time(n, k, dev), cublas_time("cuBLAS x W^T", dev, m, n, k),
            epilogue_time(m, n, r, dev)]
     dense_fwd, cfg_d = best_gemm(counts, "dense", "fwd", m, n, k, 0, dev)
@@ -868,8 +879,8 @@ def predict(counts, bench, n, k, m, r, dev, path_min_m=None):
         small = [stream_time("dxa = dy B", dev, 2 * (m * n + n * r + m * r)),
                  stream_time("dA = s dxa^T x", dev, 2 * (m * k + m * r + 2 * r * k), launches=2),
                  stream_time("dB = s dy^T xa", dev, 2 * (m * n + m * r + 2 * n * r), launches=2)]
-        bwd_fused, _ = best_gemm(counts, "4bit", "bwd", m, k, n, r, dev)
-        fused += small + [host_scales(n, k, dev), bwd_fused]
+        bwd_fused, cfg_b = best_gemm(counts, "4bit", "bwd", m, k, n, r, dev)
+        fused += small + ([bwd_fused] if nested_in_kernel(cfg_b) else [host_scales(n, k, dev), bwd_fused])
         deq += small + [host_scales(n, k, dev), dequant_time(n, k, dev),
                         cublas_time("cuBLAS dy W", dev, m, k, n), epilogue_time(m, k, r, dev)]
         dense_bwd, _ = best_gemm(counts, "dense", "bwd", m, k, n, 0, dev)
@@ -887,9 +898,9 @@ def predict(counts, bench, n, k, m, r, dev, path_min_m=None):
     return out
 
 
-def memory_floor(n, k, dev, datasheet=True):
-    """Seconds to read the packed 4-bit weight and its fp32 scales once (the decode shapes' floor)."""
-    return n * k * (0.5 + SCALE_BYTES / BS) / (dev.hbm_peak if datasheet else dev.hbm_reached)
+def memory_floor(n, k, dev, datasheet=True, scale_bytes=SCALE_BYTES):
+    """Seconds to read the packed 4-bit weight and its scales once (the decode shapes' floor)."""
+    return n * k * (0.5 + scale_bytes / BS) / (dev.hbm_peak if datasheet else dev.hbm_reached)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -897,7 +908,7 @@ def memory_floor(n, k, dev, datasheet=True):
 BENCH_SHAPES = None  # filled from lora_kernels.bench.presets.SHAPE_PRESETS["design"] at run time
 BENCH_MS = (1, 16, 512, 4096, 8192)
 RANK = 16
-PREDICTED = "_predicted"
+PREDICTED = "_predicted"  # lora_kernels.bench.results.PREDICTED_SUFFIX: report/plot skip these rows
 
 
 def prediction_rows(preds, dev: Device, env):
@@ -914,13 +925,15 @@ def prediction_rows(preds, dev: Device, env):
     return rows
 
 
-def markdown(preds, dev: Device, counts, env) -> str:
-    lines = [f"### Predicted by the static model, not measured", "",
-             f"{dev.name} figures (benchmarks/static_model.py DEVICES), kernels compiled for sm_90 with triton "
-             f"{env['triton']} at {env['commit']}, {env['date'][:10]}; r = {RANK}, bf16, NF4 blocksize {BS}. "
-             "Times in ms per call; `vs cuBLAS` = predicted lora_kernels time / predicted cuBLAS bf16 time "
-             "(r = 0); the fused GEMM's bound and tile are the model's choice among the autotuner's candidates. "
-             "Host overhead (Python, autograd) is not modelled.", ""]
+def markdown(preds, dev: Device, env, calib) -> str:
+    lines = [f"#### {dev.name}: predicted by the static model, not measured", "",
+             f"Device figures: benchmarks/static_model.py DEVICES ({dev.name}: HBM {dev.hbm_reached / 1e12:.1f} TB/s "
+             f"reached of {dev.hbm_peak / 1e12:.2f}, cuBLAS bf16 {dev.cublas_flops / 1e12:.0f} TFLOP/s). Kernels "
+             f"compiled for sm_90 by triton {env['triton']} at {env['commit']}, {env['date'][:10]}; r = {RANK}, "
+             f"bf16, NF4 blocksize {BS} with double quantization. ms per call; `vs cuBLAS` = lora_kernels / cuBLAS "
+             f"bf16 (r = 0); lora_kernels takes the path configs.choose_path dispatches to; the fused GEMM's tile is "
+             f"the model's pick among the autotuner's candidates, with its bound. Calibration: {calib}. Host "
+             "overhead (Python, autograd) is not modelled; launches count 2 us each.", ""]
     for bench in ("layer_fwd", "layer_fwd_bwd"):
         keys = [key for key in preds if key[0] == bench]
         if not keys:
@@ -957,12 +970,28 @@ def _env(dev: Device, python_triton):
     return env
 
 
+def calibration(counts, dev: Device) -> str:
+    """The dense Triton GEMM (BASE=1) against the calibrated roofline at M = 8192."""
+    out = []
+    for n in (4096, 8192):
+        t, c = best_gemm(counts, "dense", "fwd", 8192, n, n, 0, dev)
+        tflops = 2 * 8192 * n * n / t.seconds / 1e12
+        out.append(f"dense Triton GEMM at M=8192 {n}x{n}: {c.config}, {t.bound}-bound, {tflops:.0f} TFLOP/s = "
+                   f"{t.seconds / (2 * 8192 * n * n / dev.cublas_flops):.2f}x the roofline time")
+    return "; ".join(out)
+
+
+def _breakdown(parts):
+    return " + ".join(f"{p.name} {p.seconds * 1e6:.1f}us ({p.bound})" for p in parts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.static_model", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Every time it prints or writes is a prediction, labelled as one.")
-    ap.add_argument("--device", choices=sorted(DEVICES), default="H100",
-                    help="device row of the figure table (default H100; H200: the lent machine)")
+    ap.add_argument("--device", default="H100,H200",
+                    help=f"comma list of device rows of the figure table, from {', '.join(DEVICES)} "
+                         "(default %(default)s)")
     ap.add_argument("--bench", default="layer_fwd,layer_fwd_bwd", help="comma list of layer_fwd, layer_fwd_bwd")
     ap.add_argument("--m", default=",".join(map(str, BENCH_MS)), help="comma list of M (default %(default)s)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
@@ -975,7 +1004,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from lora_kernels.bench.presets import SHAPE_PRESETS
 
-    dev = DEVICES[args.device]
+    devs = [DEVICES[d.strip()] for d in args.device.split(",") if d.strip()]
     benches = [b.strip() for b in args.bench.split(",") if b.strip()]
     ms = [int(x) for x in args.m.split(",")]
     ids = needed_cases(ms, benches)
@@ -989,31 +1018,50 @@ def main(argv=None):
     if args.counts_only:
         return 0
     triton_version = next((c.triton for c in counts.values() if c.triton), "?")
-    env = _env(dev, triton_version)
-    preds = {}
-    for bench in benches:
-        for n, k in SHAPE_PRESETS["design"]:
-            for m in ms:
-                preds[(bench, n, k, m)] = predict(counts, bench, n, k, m, RANK, dev)
-                fused = preds[(bench, n, k, m)]["lora_kernels_fused"]
-                print(f"PREDICTED {bench} {n}x{k} M={m}: " + ", ".join(
-                    f"{p}={preds[(bench, n, k, m)][p][0] * 1e3:.4f}ms" for p in
-                    ("lora_kernels", "lora_kernels_fused", "lora_kernels_dequant", "triton_dense", "cublas_bf16"))
-                      + f"; fused GEMM {[x for x in fused[1] if x.name == '4bit GEMM fwd'][0].detail}",
-                      flush=True)
-    md = markdown(preds, dev, counts, env)
+    rows, mds = [], []
+    for dev in devs:
+        env = _env(dev, triton_version)
+        calib = calibration(counts, dev)
+        print(f"\nPREDICTED, {dev.name}. Calibration: {calib}")
+        preds = {}
+        for bench in benches:
+            for n, k in SHAPE_PRESETS["design"]:
+                for m in ms:
+                    by = preds[(bench, n, k, m)] = predict(counts, bench, n, k, m, RANK, dev)
+                    print(f"PREDICTED {dev.name} {bench} {n}x{k} M={m}: " + ", ".join(
+                        f"{p}={by[p][0] * 1e3:.4f}ms" for p in
+                        ("lora_kernels", "lora_kernels_fused", "lora_kernels_dequant", "triton_dense", "cublas_bf16")),
+                          flush=True)
+                    print(f"    fused: {_breakdown(by['lora_kernels_fused'][1])}")
+                    gemm = [x for x in by["lora_kernels_fused"][1] if x.name == "4bit GEMM fwd"][0]
+                    print(f"    fused GEMM: {gemm.detail}")
+                    if m >= 4096 or m == 1:
+                        print(f"    dequant: {_breakdown(by['lora_kernels_dequant'][1])}")
+        for n in (8192,):
+            for sb in (4, 1):
+                print(f"PREDICTED {dev.name} decode floor {n}x{n}: packed bytes + {sb}-byte scales at the "
+                      f"datasheet {dev.hbm_peak / 1e12:.2f} TB/s = {memory_floor(n, n, dev, True, sb) * 1e6:.1f} us, "
+                      f"at the reached {dev.hbm_reached / 1e12:.1f} TB/s = "
+                      f"{memory_floor(n, n, dev, False, sb) * 1e6:.1f} us")
+        rows += prediction_rows(preds, dev, env)
+        mds.append(markdown(preds, dev, env, calib))
+    md = "### Predicted by the static model, not measured\n\n" + "\n".join(mds)
     print("\n" + md)
     if args.out != "-":
         from lora_kernels.bench.results import append_csv
 
-        day = env["date"][:10]
+        day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
         csv_path = Path(args.out) / f"static-sm90-{day}.csv"
         if csv_path.exists():
-            csv_path.unlink()  # one model run per day file: rewritten, not appended
-        append_csv(str(csv_path), prediction_rows(preds, dev, env))
-        (Path(args.out) / f"static-sm90-{day}.md").write_text(md + "\n")
-        print(f"wrote {csv_path} and {csv_path.with_suffix('.md')} (predicted rows)")
+            csv_path.unlink()  # one model run per day's file: rewritten, not appended
+        append_csv(str(csv_path), rows)
+        csv_path.with_suffix(".md").write_text(md + "\n")
+        print(f"wrote {csv_path} and {csv_path.with_suffix('.md')} (predicted rows, not measurements)")
     return 0
+
+
+def _depth(c):
+    return "-" if c.wait_depth is None else c.wait_depth
 
 
 def _print_decode(counts):
@@ -1027,7 +1075,7 @@ def _print_decode(counts):
             continue
         lines.append(f"  {cid}: {decode_cost(c, twin):.2f} instr/W element/thread "
                      f"({c.per_iter} - {twin.per_iter} per warp per iter), wait depth "
-                     f"{'-' if c.wait_depth is None else c.wait_depth} (dense {'-' if twin.wait_depth is None else twin.wait_depth})")
+                     f"{_depth(c)} (dense {_depth(twin)})")
     if lines:
         print("\ndecode cost over the dense loop of the same tile:")
         print("\n".join(lines))
