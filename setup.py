@@ -98,12 +98,14 @@ class BuildCsrc(build_ext):
         subprocess.run(cmd, check=True)
 
 
-ext_modules = []
-cmdclass = {}
-if os.environ.get("LORA_KERNELS_BUILD_CSRC") == "1":
+def extensions():
+    if os.environ.get("LORA_KERNELS_BUILD_CSRC") != "1":
+        return [], {}
     sources = sorted(os.path.join("csrc", f) for f in os.listdir(CSRC) if f.endswith(".cu"))
     headers = sorted(os.path.join("csrc", f) for f in os.listdir(CSRC) if f.endswith(".h"))
-    ext_modules.append(Extension("lora_kernels._csrc", sources=sources, depends=headers))
-    cmdclass["build_ext"] = BuildCsrc
+    return [Extension("lora_kernels._csrc", sources=sources, depends=headers)], {"build_ext": BuildCsrc}
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+
+if __name__ == "__main__":  # setuptools runs setup.py as __main__; tests import the helpers above
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

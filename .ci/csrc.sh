@@ -25,4 +25,4 @@ TMP=$(mktemp -d)
 # Budgets (instructions per weight element in the main loop, per lane): see csrc/README.md.
 python csrc/sass_count.py "$TMP/sass.txt" --resources "$TMP/res.txt" --budget 3.0 --budget-prescaled 4.6
 python -c "import lora_kernels as lk; s = lk.backends()['csrc']; print('csrc:', s); assert s['found'], s"
-python -m pytest -q tests/test_csrc_decode.py tests/test_csrc_loader.py tests/test_csrc_gpu.py
+python -m pytest -q tests/test_csrc_build.py tests/test_csrc_decode.py tests/test_csrc_loader.py tests/test_csrc_gpu.py
