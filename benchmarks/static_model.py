@@ -352,6 +352,8 @@ class LoopCount:
     loads: dict = field(default_factory=dict)  # parameter -> [bytes per thread of each load] per iteration
     other_instrs: int = 0  # per warp, outside the main loop, loops other than it counted once
     other_tensor_fma: int = 0  # per CTA, outside the main loop
+    epi_instrs: int = 0  # per warp, one trip of the loops after the main loop that hold MMA (the LoRA epilogue)
+    epi_tensor_fma: int = 0  # per CTA, the same trip
     loop_branches: int = 0  # forward branches inside the loop body (counts assume every path runs)
     has_loop: bool = True
 
@@ -387,6 +389,10 @@ def count_sass(case, sass: str, ptx: str, regs: int, shared: int, triton_version
     outside = [i for i in instrs if not (loop and loop.start <= i.addr <= loop.end) and i.base not in ("NOP",)]
     res.other_instrs = len(outside)
     res.other_tensor_fma = _smem_and_fma(outside, warps)[2]
+    if loop:
+        epi = {i.addr: i for lp in loops if lp.has_mma and lp.start > loop.end for i in lp.instrs}
+        res.epi_instrs = len(epi)
+        res.epi_tensor_fma = _smem_and_fma(list(epi.values()), warps)[2]
     names = [n for n, kind in _runtime_params(case)]
     res.loads = ptx_loads(ptx, names) if loop else {}
     res.loads = {k: v for k, v in res.loads.items()}
@@ -690,8 +696,22 @@ def loop_kernel_time(name, c: LoopCount, dev: Device, *, ctas, iters, hbm_bytes)
     seconds = max(sm_s, hbm_s) + dev.launch_s
     detail = (f"{c.config} occ={occupancy(c, dev)} ctas={ctas} iters={iters} per-iter clk: issue={issue:.0f} "
               f"tensor={tensor:.0f} smem={smem:.0f} alone={alone:.0f}; loop={loop_clk / clk * 1e6:.1f}us "
-              f"other={other_clk / clk * 1e6:.1f}us hbm={hbm_s * 1e6:.1f}us")
+              f"other={other_clk / clk * 1e6:.1f}us hbm={hbm_s * 1e6:.1f}us; LoRA epilogue "
+              f"{100 * epilogue_share(c, dev, iters):.1f}% of the loop")
     return KernelTime(name, seconds, bound, detail)
+
+
+def epilogue_share(c: LoopCount, dev: Device, iters: int) -> float:
+    """One trip of the LoRA epilogue's MMA loop (issue + tensor, one CTA) over the main loop's time for one CTA
+    alone on an SM (the same terms as loop_kernel_time's `alone`)."""
+    eff = tensor_efficiency(dev)
+    warps = c.num_warps
+    issue = c.per_iter * warps / dev.issue_per_clk
+    tensor = c.tensor_fma / (dev.fma_per_clk * eff)
+    smem = max(c.smem_bytes, c.hgmma_smem_bytes) / dev.smem_bytes_per_clk
+    per_iter = (max(issue, smem) + tensor) if c.wait_depth == 0 else max(issue, tensor, smem)
+    epi = c.epi_instrs * warps / dev.issue_per_clk + c.epi_tensor_fma / (dev.fma_per_clk * eff)
+    return epi / max(1.0, per_iter * iters)
 
 
 def stream_time(name, dev: Device, hbm_bytes, flops=0.0, launches=1) -> KernelTime:
