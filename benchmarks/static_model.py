@@ -945,6 +945,37 @@ def prediction_rows(preds, dev: Device, env):
     return rows
 
 
+def targets(preds, dev: Device):
+    """[(target, predicted, status)] for issue 10's targets on the model (sm_90, r = 16, layer_fwd)."""
+    out = []
+    key = ("layer_fwd", 4096, 4096, 8192)
+    if key in preds:
+        by = preds[key]
+        best = min(("lora_kernels_fused", "lora_kernels_dequant"), key=lambda p: by[p][0])
+        v = by[best][0] / by["cublas_bf16"][0]
+        out.append(("forward M=8192 4096x4096, best path <= 1.15x cuBLAS bf16", f"{v:.2f}x ({best[13:]} path)",
+                    "met" if v <= 1.15 else f"missed by {v / 1.15:.2f}x"))
+        gemm = [p for p in by["lora_kernels_fused"][1] if p.name == "4bit GEMM fwd"][0]
+        c = by["lora_kernels_fused"][2]
+        share = epilogue_share(c, dev, math.ceil(4096 / c.block[2]))
+        out.append(("LoRA epilogue <= 3% of the fused GEMM's loop (M=8192 4096x4096)", f"{100 * share:.1f}% "
+                    f"({c.config}, {gemm.bound}-bound loop)", "met" if share <= 0.03 else "missed"))
+    for m in (1, 16):
+        key = ("layer_fwd", 8192, 8192, m)
+        if key not in preds:
+            continue
+        by = preds[key]
+        c = by["lora_kernels_fused"][2]
+        floor = memory_floor(8192, 8192, dev, True, scale_bytes(c))
+        gemm = [p for p in by["lora_kernels_fused"][1] if p.name == "4bit GEMM fwd"][0]
+        v = gemm.seconds / floor
+        out.append((f"decode M={m} 8192x8192: fused GEMM within 1.25x of the memory floor ({floor * 1e6:.1f} us: "
+                    f"packed bytes + {scale_bytes(c)}-byte scales at {dev.hbm_peak / 1e12:.2f} TB/s)",
+                    f"{v:.2f}x ({gemm.seconds * 1e6:.1f} us, {gemm.bound}-bound; the whole op "
+                    f"{by['lora_kernels'][0] * 1e6:.1f} us)", "met" if v <= 1.25 else f"missed by {v / 1.25:.2f}x"))
+    return out
+
+
 def markdown(preds, dev: Device, env, calib) -> str:
     lines = [f"#### {dev.name}: predicted by the static model, not measured", "",
              f"Device figures: benchmarks/static_model.py DEVICES ({dev.name}: HBM {dev.hbm_reached / 1e12:.1f} TB/s "
@@ -973,6 +1004,11 @@ def markdown(preds, dev: Device, env, calib) -> str:
             cfg = by["lora_kernels_fused"][2]
             lines.append(f"| {n}x{k} | {m} | {_ms(ours)} | {_ms(fused)} | {_ms(deq)} | {_ms(cub)} | "
                          f"{ours / cub:.2f}x | {_ms(dense)} | {cfg.config}, {gemm.bound} |")
+        lines.append("")
+    checks = targets(preds, dev)
+    if checks:
+        lines += ["**issue 10's targets, on the model**", "", "| target | predicted | status |", "| --- | --- | --- |"]
+        lines += [f"| {t} | {v} | {st} |" for t, v, st in checks]
         lines.append("")
     return "\n".join(lines)
 
