@@ -576,21 +576,23 @@ def count_cases(ids, cache=None, python=None, progress=None, workers=1):
             if not chunk:
                 continue
             tcache = tempfile.mkdtemp(prefix="lk-static-triton-")
+            errf = open(os.path.join(tcache, "stderr.txt"), "w+")  # a file: a full pipe would stall the worker
             procs.append((subprocess.Popen(
                 [python, "-m", "benchmarks.static_model", "--_worker", str(sub), *chunk], cwd=str(ROOT),
-                env={**env, "TRITON_CACHE_DIR": tcache}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True), tcache))
-        for p, tcache in procs:
+                env={**env, "TRITON_CACHE_DIR": tcache}, stdout=subprocess.PIPE, stderr=errf, text=True),
+                tcache, errf))
+        for p, tcache, errf in procs:
             for line in p.stdout:
                 if progress and line.startswith("{"):
                     progress(json.loads(line))
-            err = p.stderr.read()
             if p.wait() != 0:
-                raise RuntimeError(f"compile worker exited {p.returncode}:\n{err[-3000:]}")
+                errf.seek(0)
+                raise RuntimeError(f"compile worker exited {p.returncode}:\n{errf.read()[-3000:]}")
     finally:
         import shutil
 
-        for _, tcache in procs:
+        for _, tcache, errf in procs:
+            errf.close()
             shutil.rmtree(tcache, ignore_errors=True)
     out = {i: _from_json(json.loads((sub / (hashlib.sha1(i.encode()).hexdigest()[:20] + ".json")).read_text()))
            for i in ids}
