@@ -60,8 +60,8 @@ class PatchReport:
                an active LoRA variant, bitsandbytes' CPU-repacked weight...), fall back to PEFT's forward at
                run time; they switch to the fused ops by themselves once that state changes.
     kinds:     {name: "Linear4bit" | "Linear"} for the patched layers.
-    notes:     what else decides the path at run time (CPU inference under LORA_KERNELS_BACKEND=auto runs PEFT's
-               forward, see _cpu_inference).
+    notes:     what else decides the path at run time (CPU tensors under LORA_KERNELS_BACKEND=auto run PEFT's
+               forward, see _cpu_default).
     unpatched: names of layers that an earlier call patched and this call restored to PEFT's forward, because
                a reason in `skipped` applies to them now (a hook added to the base layer since, ...).
     """
@@ -266,17 +266,28 @@ def _fast_path_terms(self, args, kwargs):
     return _lora_terms(self)
 
 
-_CPU_NOTE = "on CPU, eval calls without grad run PEFT's forward (faster there; see docs/patching.md)"
+_CPU_NOTE = "on CPU these layers run PEFT's forward (as fast or faster there); LORA_KERNELS_PATCH_CPU=op runs the op"
 
 
-def _cpu_inference(self, x):
-    """True for an eval-mode, no-grad call on CPU tensors under LORA_KERNELS_BACKEND=auto: PEFT's forward runs it,
-    because bitsandbytes has CPU inference kernels (a GEMV at one row, its AVX512 layout) that the op's PyTorch
-    path cannot beat (measured: 0.2-0.6x of stock per layer call at small shapes). Training calls (grad enabled, or
-    train mode: reentrant checkpointing runs its first forward without grad) keep the fused op, so a forward
-    and its recomputation always take the same path."""
-    return (x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
-            and _backend_setting() == "auto")
+def _cpu_default(x):
+    """True for CPU tensors under LORA_KERNELS_BACKEND=auto: the layer runs PEFT's own forward. Measured (docs/
+    patching.md): the op's PyTorch path costs a fixed ~0.2-0.4 ms per layer call (forward + backward), so at small
+    shapes it is 1.1-1.4x slower than stock PEFT + bitsandbytes per training step, and bitsandbytes' CPU inference
+    kernels (a GEMV at one row, its AVX512 layout) beat it 2-6x per eval call; at the sizes where it wins (a
+    512-token step of a hidden-256 Llama: 0.91x at dropout 0, 0.99x at 0.05) the margin is small.
+    LORA_KERNELS_PATCH_CPU=op runs the op on CPU (its PyTorch path), as does LORA_KERNELS_BACKEND=reference (with
+    the kernels' Philox dropout mask: slower, what the tests compare with)."""
+    return x.device.type == "cpu" and _backend_setting() == "auto" and _patch_cpu_setting() == "peft"
+
+
+def _patch_cpu_setting():
+    import os
+
+    value = os.environ.get("LORA_KERNELS_PATCH_CPU", "peft").strip().lower() or "peft"
+    if value not in ("peft", "op"):
+        raise ValueError(f"LORA_KERNELS_PATCH_CPU={value!r} is not 'peft' (default: patched layers on CPU run PEFT's "
+                         "forward) or 'op' (they run the fused op's PyTorch path)")
+    return value
 
 
 def _backend_setting():
@@ -287,7 +298,7 @@ def _backend_setting():
 
 def _forward_4bit(self, x, *args, **kwargs):
     """Fused forward of a PEFT lora.bnb.Linear4bit layer (see the module docstring)."""
-    if _cpu_inference(self, x):
+    if _cpu_default(x):
         return type(self).forward(self, x, *args, **kwargs)
     terms = _fast_path_terms(self, args, kwargs)
     if terms.__class__ is str:
@@ -320,7 +331,7 @@ def _forward_4bit(self, x, *args, **kwargs):
 
 def _forward_dense(self, x, *args, **kwargs):
     """Fused forward of a PEFT lora.Linear layer with an nn.Linear base (see the module docstring)."""
-    if _cpu_inference(self, x):
+    if _cpu_default(x):
         return type(self).forward(self, x, *args, **kwargs)
     terms = _fast_path_terms(self, args, kwargs)
     if terms.__class__ is str:
@@ -470,7 +481,7 @@ def patch_peft_model(model) -> PatchReport:
         if now is not None:
             report.fallbacks[name] = now
     if any(m.base_layer.weight.device.type == "cpu" for n, m, k in layers if n in report.kinds) and \
-            _backend_setting() == "auto":
+            _backend_setting() == "auto" and _patch_cpu_setting() == "peft":
         report.notes.append(_CPU_NOTE)
     return report
 

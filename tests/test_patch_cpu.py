@@ -145,7 +145,9 @@ def _count_op_calls(monkeypatch):
     return calls
 
 
-def test_cpu_inference_runs_peft_forward_training_runs_the_op(model_dir, monkeypatch):
+def test_cpu_auto_runs_peft_forward_reference_runs_the_op(model_dir, monkeypatch):
+    """On CPU under LORA_KERNELS_BACKEND=auto a patched layer runs PEFT's forward, exactly (no fallback warning: a
+    path choice the report notes); under =reference it runs the op."""
     import warnings
 
     from tests._models import load_peft, step, token_batch
@@ -155,26 +157,31 @@ def test_cpu_inference_runs_peft_forward_training_runs_the_op(model_dir, monkeyp
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     ids = token_batch()
-    pm.eval()
-    with torch.no_grad():
-        stock = pm(input_ids=ids).logits
+    stock = step(pm, ids)
     report = lk.patch_peft_model(pm)
-    assert any("eval calls without grad run PEFT's forward" in n for n in report.notes) and "note:" in str(report)
+    assert len(report.patched) == 14 and not report.fallbacks
+    assert any("run PEFT's forward" in n for n in report.notes) and "note:" in str(report)
     calls = _count_op_calls(monkeypatch)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", lk.FallbackWarning)  # a path choice, not a fallback: no warning
+        warnings.simplefilter("error", lk.FallbackWarning)
+        got = step(pm, ids)
+        pm.eval()
         with torch.no_grad():
-            got = pm(input_ids=ids).logits
-    assert calls == [] and torch.equal(got, stock)
-    pm.train()
-    with torch.no_grad():  # train mode without grad (reentrant checkpointing's first pass): the op
-        pm(input_ids=ids)
-    assert len(calls) == 14
-    step(pm, ids)
-    assert len(calls) == 28
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "reference")  # forces the op for every call
-    pm.eval()
+            pm(input_ids=ids)
+    assert calls == []
+    assert torch.equal(got[0], stock[0]) and all(torch.equal(got[2][n], stock[2][n]) for n in stock[2])
+    monkeypatch.setenv("LORA_KERNELS_PATCH_CPU", "op")  # the op for every call
     with torch.no_grad():
         pm(input_ids=ids)
-    assert len(calls) == 42
+    assert len(calls) == 14
     assert not lk.patch_peft_model(pm).notes
+    monkeypatch.setenv("LORA_KERNELS_PATCH_CPU", "peft")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "reference")  # so does the reference backend
+    pm.train()
+    step(pm, ids)
+    assert len(calls) == 28
+    assert not lk.patch_peft_model(pm).notes
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "auto")
+    monkeypatch.setenv("LORA_KERNELS_PATCH_CPU", "gpu")
+    with pytest.raises(ValueError, match="LORA_KERNELS_PATCH_CPU='gpu' is not 'peft'"):
+        lk.patch_peft_model(pm)

@@ -186,7 +186,27 @@ def _check_output_paths(args) -> None:
         raise CLIError(f"--plot {args.plot}: the plot is a PNG; give a path ending in .png")
 
 
+class _DropThirdPartyNoise:
+    """A logging filter for messages other packages log at import that say nothing about the run: bitsandbytes
+    0.50 warns on every CPU with AVX512-BF16 that an optional package ('kernels') is not installed."""
+
+    PREFIXES = ("Failed to load CPU gemm_4bit_forward",)
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def quiet_third_party_logs() -> None:
+    """Installs the filter on the loggers concerned (before they log: call it before importing bitsandbytes)."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropThirdPartyNoise) for f in logger.filters):
+        logger.addFilter(_DropThirdPartyNoise())
+
+
 def run(args) -> int:
+    quiet_third_party_logs()
     if args.list:
         return _list()
     _check_output_paths(args)
@@ -227,10 +247,14 @@ def run(args) -> int:
     print()
     print(speedup_table(res.rows))
     print()
+    from .runner import step_ratios
     from .train_step import loss_parity_lines
 
-    for line in loss_parity_lines(res.train_losses):
+    for line in loss_parity_lines(res.train_losses, step_ratios(res.rows), interleaved=not spec.on_cuda):
         print(line)
+    if res.train_losses and not spec.on_cuda:
+        print("train_step on CPU: the lora_kernels variants run the op's PyTorch path (LORA_KERNELS_PATCH_CPU=op); by "
+              "default patch_peft_model leaves CPU layers on PEFT's forward, so a patched model trains at stock speed there")
     if res.skipped:
         print(f"{len(res.skipped)} case(s) skipped; reasons printed above")
     if not spec.on_cuda:

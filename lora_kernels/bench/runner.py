@@ -142,6 +142,54 @@ def _measure_train(task, spec, log):
     return label, t, losses
 
 
+def _measure_train_group(tasks, spec, log):
+    """CPU: every train_step variant of one r built first, then their steps interleaved (warm-up steps, then
+    `train_steps` rounds, one step of each variant per round in alternating order), so that a busy machine slows
+    them all alike and the patched/stock ratio means something. {id(task): (label, Timing, losses) or the
+    exception it raised}."""
+    from . import train_step
+    from .timing import Timing, quantiles
+
+    built, out = {}, {}
+    for task in tasks:
+        try:
+            built[id(task)] = train_step.build(spec, task.provider, task.r, log=log)
+        except Exception as exc:  # noqa: BLE001 - reported per task by the caller
+            out[id(task)] = exc
+    keys = list(built)
+    times = {k: [] for k in keys}
+    try:
+        for _ in range(spec.train_warmup):
+            for k in keys:
+                built[k][0]()
+        for i in range(spec.train_steps):
+            for k in (keys if i % 2 == 0 else keys[::-1]):
+                t0 = time.perf_counter()
+                built[k][0]()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        for k in keys:
+            _, label, _, keep = built[k]
+            out[k] = (label, Timing(*quantiles(times[k]), None, len(times[k])), [float(v) for v in keep[-1]])
+    except Exception as exc:  # noqa: BLE001 - a failing step fails the group: the timings would not be interleaved
+        for k in keys:
+            out.setdefault(k, exc)
+    finally:
+        built.clear()
+    return out
+
+
+def step_ratios(rows) -> dict:
+    """{(patched provider, r): patched / stock median step time} for the train_step pairs measured."""
+    from .train_step import PARITY_PAIRS
+
+    ms = {}
+    for row in rows:
+        if row["bench"] == "train_step":
+            ms[(row["provider"].split("[", 1)[0], int(row["r"]))] = float(row["ms_p50"])
+    return {(p, r): ms[(p, r)] / ms[(PARITY_PAIRS[p], r)] for (p, r) in ms
+            if p in PARITY_PAIRS and (PARITY_PAIRS[p], r) in ms and ms[(PARITY_PAIRS[p], r)] > 0}
+
+
 def run_bench(spec: BenchSpec, *, csv_path=None, progress=True, log=print) -> BenchResult:
     """Runs the sweep `spec` describes; appends rows to `csv_path` (None: no file) as they are measured."""
     import torch
@@ -183,6 +231,7 @@ def _run(spec, csv_path, progress, log):
                desc="lora-kernels bench", mininterval=0.1 if interactive else 30.0)
     say = (lambda msg: tqdm.write(msg)) if progress else log
     left = []
+    group = {}  # CPU train_step: results of the interleaved variants of one r, taken task by task
     try:
         for i, task in enumerate(bar):
             if spec.time_limit_s is not None and time.perf_counter() - t0 > spec.time_limit_s:
@@ -195,7 +244,15 @@ def _run(spec, csv_path, progress, log):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    if task.mode == "train_step":
+                    if task.mode == "train_step" and not spec.on_cuda:
+                        if id(task) not in group:
+                            group = _measure_train_group([t for t in tasks if t.mode == "train_step" and t.r == task.r],
+                                                         spec, say)
+                        got = group.pop(id(task))
+                        if isinstance(got, BaseException):
+                            raise got
+                        label, t, res.train_losses[(task.provider, task.r)] = got
+                    elif task.mode == "train_step":
                         label, t, res.train_losses[(task.provider, task.r)] = _measure_train(task, spec, say)
                     else:
                         label, t = _measure_layer(task, spec, inputs)

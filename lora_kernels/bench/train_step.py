@@ -21,6 +21,8 @@ from the same weights and data, so the patched variants' losses, step by step, m
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 
 from .presets import TRAIN_MODELS
@@ -106,15 +108,42 @@ def build(spec, provider, r, log=print):
     ids = torch.randint(0, config.vocab_size, (spec.batch_size, spec.seq_len), generator=gen).to(device)
 
     losses = []  # every step's loss, kept on the device: the loss-parity check reads them after timing
+    # On CPU, patch_peft_model leaves layers on PEFT's forward by default: the patched variants ask for the op (its
+    # PyTorch path) so that their rows measure what their label says.
+    force = provider.startswith("lora_kernels") and not str(device).startswith("cuda") and _backend_is_auto()
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        out = peft_model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        optimizer.step()
+        with _op_on_cpu(force):
+            optimizer.zero_grad(set_to_none=True)
+            out = peft_model(input_ids=ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            optimizer.step()
         losses.append(out.loss.detach())
 
     return step, label, spec.batch_size * spec.seq_len, (peft_model, optimizer, ids, losses)
+
+
+def _backend_is_auto():
+    from ..backend import backend_setting
+
+    return backend_setting() == "auto"
+
+
+@contextlib.contextmanager
+def _op_on_cpu(on):
+    """LORA_KERNELS_PATCH_CPU=op for the duration of a step: patched layers on CPU run the op."""
+    if not on:
+        yield
+        return
+    saved = os.environ.get("LORA_KERNELS_PATCH_CPU")
+    os.environ["LORA_KERNELS_PATCH_CPU"] = "op"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LORA_KERNELS_PATCH_CPU"]
+        else:
+            os.environ["LORA_KERNELS_PATCH_CPU"] = saved
 
 
 # patched variant -> the stock variant it replaces
@@ -136,7 +165,16 @@ def loss_parity(train_losses) -> list:
     return out
 
 
-def loss_parity_lines(train_losses) -> list:
-    return [f"train_step r={r}: loss of {mine_name} vs {stock}, step 1 {mine[0]:.4f} vs {theirs[0]:.4f}, "
-            f"step {len(mine)} {mine[-1]:.4f} vs {theirs[-1]:.4f}; largest relative difference {worst:.2e}"
-            for r, mine_name, stock, mine, theirs, worst in loss_parity(train_losses)]
+def loss_parity_lines(train_losses, step_ratios=None, interleaved=False) -> list:
+    """One line per pair; with step_ratios ({(patched, r): patched/stock median step time}) the ratio too."""
+    step_ratios = step_ratios or {}
+    lines = []
+    for r, mine_name, stock, mine, theirs, worst in loss_parity(train_losses):
+        line = (f"train_step r={r}: loss of {mine_name} vs {stock}, step 1 {mine[0]:.4f} vs {theirs[0]:.4f}, "
+                f"step {len(mine)} {mine[-1]:.4f} vs {theirs[-1]:.4f}; largest relative difference {worst:.2e}")
+        ratio = step_ratios.get((mine_name, r))
+        if ratio is not None:
+            line += (f" ; step time {mine_name}/{stock} {ratio:.3f}x (median"
+                     + (", interleaved steps)" if interleaved else ")"))
+        lines.append(line)
+    return lines
