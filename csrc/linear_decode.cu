@@ -22,6 +22,8 @@ constexpr int kRows = 16;      // W rows per CTA
 constexpr int kStep = 128;     // k per warp step: 4 lanes x 32 elements
 constexpr int kMaxWarps = 16;  // warps per CTA (split-K inside the CTA)
 constexpr int kGenericWarps = 8;
+constexpr int kTableWords = 256 * 32;              // 32 KB: 256 code pairs x 32 lanes
+constexpr int kRedWords = kMaxWarps * kRows * 16;  // 16 KB of fp32 partial sums
 
 struct Params {
   lk_decode_args a;
@@ -58,6 +60,19 @@ __device__ __forceinline__ uint4 ld_stream(const void* ptr) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(ptr));
+  return v;
+}
+
+// Hides how v was computed, so the compiler keeps it in a register instead of recomputing it from
+// threadIdx and the parameters inside the main loop (which it otherwise does, ~20 instructions a step).
+__device__ __forceinline__ uint32_t opaque(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t lds(uint32_t shared_addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(shared_addr));
   return v;
 }
 
@@ -125,8 +140,8 @@ __device__ __forceinline__ void epilogue(const lk_decode_args& a, int m, int n, 
 // SCALE_AFTER (blocksize >= 128: the whole step is one block per row): codes go to the tensor
 // cores unscaled and the fp32 partial sums are scaled once. Otherwise (blocksize 64: the quad's
 // step spans two blocks) the decoded pairs are scaled before the MMA, one packed multiply each.
-template <bool BF16, int NT, bool SCALE_AFTER>
-__device__ __forceinline__ void mma_step(const lk::Table& tab, uint32_t base, const uint4& qa, const uint4& qb,
+template <bool BF16, int NT, bool SCALE_AFTER, typename Decode>
+__device__ __forceinline__ void mma_step(const Decode& decode, const uint4& qa, const uint4& qb,
                                          uint32_t sa, uint32_t sb, const uint32_t (&xr)[NT][16],
                                          float (&acc)[NT][4]) {
   float c[NT][4];
@@ -138,8 +153,8 @@ __device__ __forceinline__ void mma_step(const lk::Table& tab, uint32_t base, co
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint32_t P[4], Q[4];
-    lk::decode8(tab, wa[i], P, base);
-    lk::decode8(tab, wb[i], Q, base);
+    decode(wa[i], P);
+    decode(wb[i], Q);
     if (!SCALE_AFTER) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) P[j] = mul2<BF16>(P[j], sa), Q[j] = mul2<BF16>(Q[j], sb);
@@ -166,10 +181,13 @@ __device__ __forceinline__ void mma_step(const lk::Table& tab, uint32_t base, co
   }
 }
 
-template <bool BF16, int NT, bool NESTED, bool SCALE_AFTER>
+template <bool BF16, int NT, bool NESTED, bool SCALE_AFTER, bool SMEM>
 __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Params p) {
   using T = typename Elem<BF16>::T;
-  __shared__ float red[kMaxWarps][kRows][16];
+  // SMEM: the 256 byte -> code-pair table, one copy per lane (entry-major, so the 32 lanes of a warp
+  // always hit 32 different banks); afterwards the split-K partial sums. Else only the latter.
+  __shared__ __align__(16) uint32_t smem[SMEM ? kTableWords : kRedWords];
+  float(*red)[kRows][16] = reinterpret_cast<float(*)[kRows][16]>(smem);
   const lk_decode_args& a = p.a;
   const int K = a.k;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -179,13 +197,37 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   const int ra = min(row0 + g, a.n - 1), rb = min(row0 + g + 8, a.n - 1);
   const lk::Table tab = lk::make_table<BF16>(a.code);
   const uint32_t base = p.base3210;
+  const uint32_t lane4 = 4u * lane;
+  if (SMEM) {
+    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
+      uint32_t o[4];
+      lk::decode8(tab, (uint32_t)byte, o, base);  // byte in byte 0: o[0] = code[hi] | code[lo] << 16
+      uint4* dst = reinterpret_cast<uint4*>(smem + 32 * byte);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) dst[j] = make_uint4(o[0], o[0], o[0], o[0]);
+    }
+    __syncthreads();
+  }
+  // Eight elements of one packed word -> four code pairs in element order.
+  // Per byte: PRMT extracts it, LEA makes the address (byte * 128 + this lane's copy); two ALU ops.
+  const uint32_t lane_addr = opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + lane4);
+  auto decode = [&](uint32_t q, uint32_t(&o)[4]) {
+    if (SMEM) {
+      o[0] = lds((__byte_perm(q, 0u, 0x4440u) << 7) + lane_addr);
+      o[1] = lds((__byte_perm(q, 0u, 0x4441u) << 7) + lane_addr);
+      o[2] = lds((__byte_perm(q, 0u, 0x4442u) << 7) + lane_addr);
+      o[3] = lds((__byte_perm(q, 0u, 0x4443u) << 7) + lane_addr);
+    } else {
+      lk::decode8(tab, q, o, base);
+    }
+  };
   const float offset = NESTED ? __ldg(a.offset) : 0.f;
   // A step covers 64 elements per (row, block) pair of lanes (t = 0,1 and t = 2,3): each lane
   // computes one scale, for row g or g+8 by t's low bit and its pair's block, and the quad swaps them.
-  const uint32_t fs0 = (uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2);
-  const int src_a = (lane & ~3) | (t & 2), src_b = src_a | 1;
+  const uint32_t fs0 = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2));
+  const int src_a = (int)opaque((lane & ~3) | (t & 2)), src_b = src_a | 1;
 
-  const int stride = nwarps * kStep;
+  const int stride = (int)opaque(nwarps * kStep);
   int kb = warp * kStep;
   const uint8_t* pa = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
   const uint8_t* pb = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
@@ -220,7 +262,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
         }
       }
     }
-    mma_step<BF16, NT, SCALE_AFTER>(tab, base, qa, qb, sa, sb, xr, acc);
+    mma_step<BF16, NT, SCALE_AFTER>(decode, qa, qb, sa, sb, xr, acc);
     pa += wstep, pb += wstep;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xp[nt] += stride;
@@ -254,6 +296,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
     step(qa, qb, fs0 + kb - 32u * (t & 2));  // lanes 2,3 fetch an in-range scale they do not use
   }
 
+  if (SMEM) __syncthreads();  // every warp is done with the table before it holds partial sums
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int c = 8 * nt + 2 * t;
@@ -314,20 +357,28 @@ int ilog2_exact(int v) {  // log2 of a power of two, else -1
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-template <bool BF16, int NT>
+template <bool BF16, int NT, bool SMEM>
 void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
   const dim3 grid(tiles), block(warps * 32);
   if (p.a.nested) {
     if (after)
-      decode_fast_kernel<BF16, NT, true, true><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, true, true, SMEM><<<grid, block, 0, stream>>>(p);
     else
-      decode_fast_kernel<BF16, NT, true, false><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, true, false, SMEM><<<grid, block, 0, stream>>>(p);
   } else {
     if (after)
-      decode_fast_kernel<BF16, NT, false, true><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, false, true, SMEM><<<grid, block, 0, stream>>>(p);
     else
-      decode_fast_kernel<BF16, NT, false, false><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, false, false, SMEM><<<grid, block, 0, stream>>>(p);
   }
+}
+
+template <bool BF16, int NT>
+void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
+  if (p.a.table_in_registers)
+    launch_fast<BF16, NT, false>(p, after, tiles, warps, stream);
+  else
+    launch_fast<BF16, NT, true>(p, after, tiles, warps, stream);
 }
 
 template <bool BF16>
@@ -342,10 +393,10 @@ void launch(const Params& p, int path, cudaStream_t stream) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device);
   const int tiles = (a.n + kRows - 1) / kRows;
   const int steps = (a.k + kStep - 1) / kStep;
-  // Warps per CTA: about 16 warps per SM in all (enough loads in flight for HBM), never more
-  // warps than 128-wide steps of K.
+  // Warps per CTA (split-K inside the CTA): the most that keeps every CTA resident in one wave at
+  // about 16 warps per SM (enough 16-byte loads in flight for HBM), never more than K's 128-wide steps.
   int warps = 1;
-  while (warps < kMaxWarps && warps * tiles < 16 * sms && warps * 2 <= steps) warps *= 2;
+  while (warps < kMaxWarps && warps * 2 * tiles <= 16 * sms && warps * 2 <= steps) warps *= 2;
   const bool after = a.blocksize >= kStep && a.k % kStep == 0;
   if (a.m > 8)
     launch_fast<BF16, 2>(p, after, tiles, warps, stream);

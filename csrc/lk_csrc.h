@@ -46,6 +46,8 @@ typedef struct lk_decode_args {
   float scaling;
   int32_t force_generic;  // 1: the element-wise kernel even where the fast one applies (tests)
   int32_t device;         // CUDA device index of every tensor (made current before the launch)
+  int32_t table_in_registers;  // fast kernel's decode: 1 PRMT over a 16-entry register table,
+                               // 0 a 256-entry byte -> pair table in shared memory (default)
 } lk_decode_args;
 
 LK_API int lk_abi_version(void);

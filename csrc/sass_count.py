@@ -1,6 +1,7 @@
 """Checks the built library from cuobjdump's output, without a GPU.
 
-    python csrc/sass_count.py SASS_FILE [--budget 3.0] [--budget-prescaled X] [--resources RES_FILE]
+    python csrc/sass_count.py SASS_FILE [--budget 3.0] [--budget-prescaled X] [--budget-prmt X]
+                              [--resources RES_FILE]
 
 SASS_FILE: `cuobjdump --dump-sass`; counts the main loop of each fast decode kernel.
 RES_FILE: `cuobjdump --dump-resource-usage`; prints registers per kernel, fails on stack or local memory
@@ -9,8 +10,9 @@ RES_FILE: `cuobjdump --dump-resource-usage`; prints registers per kernel, fails 
 The main loop is the backward branch whose body holds the HMMAs. Each lane feeds one
 m16n8k16 MMA per 8 weight elements per n8 token tile, so elements per lane = 8 * HMMA / NT.
 Reports instructions per weight element (per lane) by kernel and arch; exits 1 over budget.
-Kernels with SCALE_AFTER = true (blocksize >= 128) are held to --budget, the others (blocksize 64:
-one packed multiply per decoded pair) to --budget-prescaled.
+Shared-memory-table kernels (the default decode) with SCALE_AFTER = true (blocksize >= 128) are held
+to --budget, the others (blocksize 64: one packed multiply per decoded pair) to --budget-prescaled;
+register-table (PRMT) kernels to --budget-prmt, or only reported without it.
 """
 import argparse
 import re
@@ -53,11 +55,12 @@ def main_loop(ins):
 
 
 def demangled_flags(name):
-    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELb(\d)ELb(\d)E", name)
+    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELb(\d)ELb(\d)ELb(\d)E", name)
     if not m:
         return None
-    bf16, nt, nested, after = (int(g) for g in m.groups())
-    return dict(dtype="bf16" if bf16 else "fp16", nt=nt, nested=bool(nested), scale_after=bool(after))
+    bf16, nt, nested, after, smem = (int(g) for g in m.groups())
+    return dict(dtype="bf16" if bf16 else "fp16", nt=nt, nested=bool(nested), scale_after=bool(after),
+                smem=bool(smem))
 
 
 def label(name):
@@ -65,8 +68,8 @@ def label(name):
     if f is None:
         m = re.search(r"decode_generic_kernelILb(\d)E", name)
         return f"generic {'bf16' if m and m.group(1) == '1' else 'fp16'}" if m else name
-    return (f"fast {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} {'nested' if f['nested'] else 'fp32-absmax'} "
-            f"{'scale-after' if f['scale_after'] else 'prescaled'}")
+    return (f"fast {'smem-table' if f['smem'] else 'prmt-table'} {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} "
+            f"{'nested' if f['nested'] else 'fp32-absmax'} {'scale-after' if f['scale_after'] else 'prescaled'}")
 
 
 def check_resources(text):
@@ -96,6 +99,7 @@ def main():
     ap.add_argument("sass")
     ap.add_argument("--budget", type=float, default=3.0)
     ap.add_argument("--budget-prescaled", type=float, default=None)
+    ap.add_argument("--budget-prmt", type=float, default=None)
     args = ap.parse_args()
     over = []
     if args.resources:
@@ -121,12 +125,17 @@ def main():
         body, ops = loop
         elems = 8 * ops["HMMA"] // flags["nt"]
         per = len(body) / elems
-        budget = args.budget if flags["scale_after"] or args.budget_prescaled is None else args.budget_prescaled
+        if not flags["smem"]:
+            budget = args.budget_prmt
+        elif flags["scale_after"] or args.budget_prescaled is None:
+            budget = args.budget
+        else:
+            budget = args.budget_prescaled
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
         print(f"{arch} {label(name)}: {len(body)} instructions / {elems} "
-              f"elements per lane = {per:.2f} per element (budget {budget}) [{top}]")
+              f"elements per lane = {per:.2f} per element (budget {budget or 'report only'}) [{top}]")
         rows += 1
-        if per > budget:
+        if budget is not None and per > budget:
             over.append(f"{arch} {name}: {per:.2f} > {budget}")
     if rows == 0:
         over.append("no fast decode kernel found in the SASS")

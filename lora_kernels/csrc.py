@@ -39,7 +39,7 @@ class DecodeArgs(ctypes.Structure):
         ("m", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("r", ctypes.c_int32),
         ("blocksize", ctypes.c_int32), ("blocksize2", ctypes.c_int32), ("nested", ctypes.c_int32),
         ("dtype", ctypes.c_int32), ("scaling", ctypes.c_float), ("force_generic", ctypes.c_int32),
-        ("device", ctypes.c_int32),
+        ("device", ctypes.c_int32), ("table_in_registers", ctypes.c_int32),
     ]
 
 
@@ -163,13 +163,18 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], scaling: float, out: Optional[torch.Tensor] = None,
-                      force_generic: bool = False) -> torch.Tensor:
+                      force_generic: bool = False, decode: Optional[str] = None) -> torch.Tensor:
     """out[M, N] = x decode(W)^T + scaling * xa b^T + bias, on x's current CUDA stream (graph-capturable).
 
     x [M, K] bf16/fp16 with M <= 16; q a lora_kernels.nf4.Quant4bit; xa [M, r] and b [N, r] in x's dtype
     (or both None); bias [N] or None; out [M, N] in x's dtype with unit inner stride (allocated if None).
-    force_generic runs the exact element-wise kernel (tests).
+    force_generic runs the exact element-wise kernel (tests). decode: the fast kernel's table, "shared"
+    (256 byte -> code-pair entries in shared memory, the default) or "registers" (16 codes, PRMT);
+    default from LORA_KERNELS_CSRC_DECODE.
     """
+    decode = decode or os.environ.get("LORA_KERNELS_CSRC_DECODE", "shared").strip().lower() or "shared"
+    if decode not in ("shared", "registers"):
+        raise ValueError(f"decode (LORA_KERNELS_CSRC_DECODE) must be 'shared' or 'registers', got {decode!r}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -233,7 +238,7 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
         out=out.data_ptr(), out_row=out.stride(0),
         m=m, n=n, k=k, r=r, blocksize=q.blocksize, blocksize2=q.blocksize2 if q.nested else 0,
         nested=int(q.nested), dtype=_DTYPES[x.dtype], scaling=float(scaling), force_generic=int(force_generic),
-        device=device.index if device.index is not None else 0,
+        device=device.index if device.index is not None else 0, table_in_registers=int(decode == "registers"),
     )
     rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(device)))
     if rc != 0:
