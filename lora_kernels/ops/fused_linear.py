@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Optional
 
 import torch
 
 from .. import reference
+from ..errors import FallbackWarning, KernelBuildError
 from ..backend import use_triton
 from ..nf4 import Quant4bit, block_scales, read_quant_state
 from . import configs
@@ -88,6 +90,27 @@ def _int32_span(t):
     return t.contiguous() if span >= 2**31 else t
 
 
+_UNBUILDABLE = set()  # (direction, device, dtype, N, K): fused launches that failed to compile in this process
+
+
+def _fused_or_fallback(direction, act, n, k, launch) -> bool:
+    """Runs a fused launch; False (the caller takes the dequantize + matmul path) when its kernel failed to
+    compile here, now or earlier. The first failure of each (direction, dtype, shape) warns once, naming the
+    Triton version, the kernel and the config: a training step does not die of a compiler bug unexplained."""
+    key = (direction, str(act.device), act.dtype, n, k)
+    if key in _UNBUILDABLE:
+        return False
+    try:
+        launch()
+        return True
+    except KernelBuildError as exc:
+        _UNBUILDABLE.add(key)
+        warnings.warn(f"lora_kernels: {exc}. The {direction} of this {n}x{k} layer ({act.dtype}) now runs "
+                      "dequantize + matmul instead of the fused kernel, in this process.", FallbackWarning,
+                      stacklevel=2)
+        return False
+
+
 def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
     from .fused_linear_kernels import (BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear, launch_lora_down,
                                        launch_qlora_fwd)
@@ -102,19 +125,21 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
         b = lora_B.to(x.dtype)
     lora = dict(left=xa, right=b, right_strides=(b.stride(1), b.stride(0)) if b is not None else None,
                 bias=bias, scaling=scaling)
-    if configs.choose_path(m) == "dequant":
-        w = _dense_weight(weight, qmeta, qints, x.dtype)
-        torch.mm(x, w.t(), out=out)
+
+    def fused():
+        if _is_4bit(qints) and k % 2 == 0:
+            launch_qlora_fwd(x, _quant_from_parts(weight, qmeta, qints), out, xa=xa, b=b, bias=bias, scaling=scaling)
+        elif _is_4bit(qints):
+            q = _quant_from_parts(weight, qmeta, qints)
+            launch_fused_linear(x, q.packed, (1, k), BASE_4BIT, out, code=q.code, scales=block_scales(q).contiguous(),
+                                blocksize=q.blocksize, **lora)
+        else:
+            launch_fused_linear(x, weight, (weight.stride(1), weight.stride(0)), BASE_DENSE, out, **lora)
+
+    if configs.choose_path(m) == "dequant" or not _fused_or_fallback("forward", x, n, k, fused):
+        torch.mm(x, _dense_weight(weight, qmeta, qints, x.dtype).t(), out=out)
         if xa is not None or bias is not None:
             launch_fused_linear(x, None, (0, 0), BASE_NONE, out, acc_in=True, **lora)
-    elif _is_4bit(qints) and k % 2 == 0:
-        launch_qlora_fwd(x, _quant_from_parts(weight, qmeta, qints), out, xa=xa, b=b, bias=bias, scaling=scaling)
-    elif _is_4bit(qints):
-        q = _quant_from_parts(weight, qmeta, qints)
-        launch_fused_linear(x, q.packed, (1, k), BASE_4BIT, out, code=q.code, scales=block_scales(q).contiguous(),
-                            blocksize=q.blocksize, **lora)
-    else:
-        launch_fused_linear(x, weight, (weight.stride(1), weight.stride(0)), BASE_DENSE, out, **lora)
     return out, xa
 
 
@@ -122,23 +147,26 @@ def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, se
     from .fused_linear_kernels import BASE_4BIT, BASE_DENSE, BASE_NONE, launch_fused_linear, launch_qlora_dx
 
     m = dy.shape[0]
-    k = qints[1]
+    n, k = qints[0], qints[1]
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     lora = dict(left=dxa, right=a, right_strides=(a.stride(0), a.stride(1)) if a is not None else None,
                 scaling=scaling, dropout_p=dropout_p if dxa is not None else 0.0, seed=seed)
-    if configs.choose_path(m) == "dequant":
+
+    def fused():
+        if _is_4bit(qints) and k % 2 == 0:
+            launch_qlora_dx(dy, _quant_from_parts(weight, qmeta, qints), dx, dxa=dxa, a=a, scaling=scaling,
+                            dropout_p=lora["dropout_p"], seed=seed)
+        elif _is_4bit(qints):
+            q = _quant_from_parts(weight, qmeta, qints)
+            launch_fused_linear(dy, q.packed, (k, 1), BASE_4BIT, dx, code=q.code, scales=block_scales(q).contiguous(),
+                                blocksize=q.blocksize, **lora)
+        else:
+            launch_fused_linear(dy, weight, (weight.stride(0), weight.stride(1)), BASE_DENSE, dx, **lora)
+
+    if configs.choose_path(m) == "dequant" or not _fused_or_fallback("backward", dy, n, k, fused):
         torch.mm(dy, _dense_weight(weight, qmeta, qints, dy.dtype), out=dx)
         if dxa is not None:
             launch_fused_linear(dy, None, (0, 0), BASE_NONE, dx, acc_in=True, **lora)
-    elif _is_4bit(qints) and k % 2 == 0:
-        launch_qlora_dx(dy, _quant_from_parts(weight, qmeta, qints), dx, dxa=dxa, a=a, scaling=scaling,
-                        dropout_p=lora["dropout_p"], seed=seed)
-    elif _is_4bit(qints):
-        q = _quant_from_parts(weight, qmeta, qints)
-        launch_fused_linear(dy, q.packed, (k, 1), BASE_4BIT, dx, code=q.code, scales=block_scales(q).contiguous(),
-                            blocksize=q.blocksize, **lora)
-    else:
-        launch_fused_linear(dy, weight, (weight.stride(0), weight.stride(1)), BASE_DENSE, dx, **lora)
     return dx
 
 
