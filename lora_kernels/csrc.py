@@ -145,6 +145,15 @@ def use_for_forward(x: torch.Tensor, is_4bit: bool, forced: bool) -> bool:
     return True
 
 
+def wanted_for_forward(x: torch.Tensor, is_4bit: bool, path: str) -> bool:
+    """The fused op's forward dispatch; `path` is configs.choose_path(M). Under LORA_KERNELS_PATH=auto the
+    library takes what it can (use_for_forward); =csrc forces it; =fused or =dequant keep it out."""
+    if path == "csrc":
+        return use_for_forward(x, is_4bit, forced=True)
+    setting = os.environ.get("LORA_KERNELS_PATH", "auto").strip().lower()
+    return path == "fused" and setting in ("", "auto") and use_for_forward(x, is_4bit, forced=False)
+
+
 # Seams for the tests' fake library, which runs on CPU tensors.
 def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
     if t.device != device:

@@ -212,3 +212,45 @@ def test_use_for_forward(use_lib, fake, monkeypatch, tmp_path):
     assert csrc.use_for_forward(x, True, forced=False) is False
     with pytest.raises(RuntimeError, match="unavailable: not found"):
         csrc.use_for_forward(x, True, forced=True)
+
+
+def _qlora_inputs(m=3, n=32, k=64, r=4):
+    packed, state, _ = quantized(n, k, nested=True)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    return x, packed, state, torch.randn(r, k) / 8, torch.randn(n, r) / 2
+
+
+def test_fused_op_dispatches_to_the_library(fake, monkeypatch):
+    """lora_kernels::linear_fwd on the Triton path (the interpreter here) hands the base + epilogue to the
+    library when it applies (faked here as CUDA), with the rank kernel's xa and B in x's dtype."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton path runs on CPU only through the interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(csrc, "unsupported_reason", lambda x, is_4bit: None if is_4bit else "dense")
+    x, packed, state, a, b = _qlora_inputs()
+    calls = fake.fake_calls()
+    lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
+    assert fake.fake_calls() == calls + 1
+    got = _last(fake)
+    assert (got.m, got.n, got.k, got.r, got.nested, got.dtype, got.scaling) == (3, 32, 64, 4, 1, 0, 0.5)
+    assert got.xa and got.b and got.bias is None
+    monkeypatch.setenv("LORA_KERNELS_PATH", "fused")  # forcing Triton keeps the library out
+    lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
+    assert fake.fake_calls() == calls + 1
+    monkeypatch.setenv("LORA_KERNELS_PATH", "csrc")
+    lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
+    assert fake.fake_calls() == calls + 2
+
+
+def test_forced_csrc_without_the_library_raises(use_lib, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton path runs on CPU only through the interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setenv("LORA_KERNELS_PATH", "csrc")
+    use_lib(str(tmp_path / "missing.so"))
+    x, packed, state, a, b = _qlora_inputs()
+    with pytest.raises(ValueError, match="LORA_KERNELS_PATH=csrc, but x is on cpu"):
+        lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
+    monkeypatch.setattr(csrc, "unsupported_reason", lambda x, is_4bit: None)
+    with pytest.raises(RuntimeError, match="CUDA library is unavailable: not found"):
+        lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)

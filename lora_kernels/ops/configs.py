@@ -88,10 +88,10 @@ def m_bucket(m: int) -> int:
 def choose_path(m: int) -> str:
     """'fused' (decode in the GEMM main loop) or 'dequant' (decode to a buffer, then cuBLAS)."""
     forced = os.environ.get("LORA_KERNELS_PATH", "auto").strip().lower()
-    if forced in ("fused", "dequant"):
+    if forced in ("fused", "dequant", "csrc"):  # csrc: the CUDA library's forward (M <= 16), Triton backward
         return forced
     if forced not in ("", "auto"):
-        raise ValueError(f"LORA_KERNELS_PATH={forced!r} is not one of auto, fused, dequant")
+        raise ValueError(f"LORA_KERNELS_PATH={forced!r} is not one of auto, fused, dequant, csrc")
     return "dequant" if m >= DEQUANT_PATH_MIN_M else "fused"
 
 
