@@ -91,9 +91,12 @@ def _gemm_args(mode, base, dt, m):
     return args, flags
 
 
-def _weight_ptrs():
-    """packed, code, absmax, code2, absmax2, offset of a double-quantized weight (bitsandbytes' QLoRA default)."""
-    return [Ptr("u8"), Ptr("fp32"), Ptr("u8"), Ptr("fp32"), Ptr("fp32"), Ptr("fp32")]
+def _weight_ptrs(aligned):
+    """packed, code, absmax, code2, absmax2, offset of a double-quantized weight (bitsandbytes' QLoRA default) as
+    launch_qlora_* pass it: decoded in the kernel when K is blocksize-aligned, else fp32 scales from the host."""
+    if aligned:
+        return [Ptr("u8"), Ptr("fp32"), Ptr("u8"), Ptr("fp32"), Ptr("fp32"), Ptr("fp32")]
+    return [Ptr("u8"), Ptr("fp32")] + [Ptr("fp32")] * 4
 
 
 def _qlora_fwd_args(mode, dt, m, tile):
@@ -102,10 +105,10 @@ def _qlora_fwd_args(mode, dt, m, tile):
     k = K_UNALIGNED if "unaligned" in mode else K
     pairs = DTYPES[dt] == 2
     x, sxm = (Ptr("i32"), k // 2) if pairs else (Ptr(dt), k)
-    args = [x, sxm, 1, *_weight_ptrs(), Ptr(dt), R, 1, Ptr(dt), R, 1, Ptr(dt), Ptr(dt), N, 1,
-            m, N, k, R, configs.m_bucket(m), DTYPES[dt], 0.25]
     aligned = k % BLOCKSIZE == 0
-    flags = dict(HAS_LORA=True, HAS_BIAS=True, NESTED=True, BS_SHIFT=BLOCKSIZE.bit_length() - 1, BS2=256,
+    args = [x, sxm, 1, *_weight_ptrs(aligned), Ptr(dt), R, 1, Ptr(dt), R, 1, Ptr(dt), Ptr(dt), N, 1,
+            m, N, k, R, configs.m_bucket(m), DTYPES[dt], 0.25]
+    flags = dict(HAS_LORA=True, HAS_BIAS=True, NESTED=aligned, BS_SHIFT=BLOCKSIZE.bit_length() - 1, BS2=256,
                  ROW_SCALE=aligned, SUB_K=min(tile["BLOCK_K"], BLOCKSIZE) if aligned else tile["BLOCK_K"],
                  X_PAIRS=pairs, UPCAST=False, R_BLOCK=_rank_block(R, configs.GEMM_RANK_BLOCK_MAX))
     return args, flags
@@ -115,9 +118,10 @@ def _qlora_dx_args(mode, dt, m, tile):
     """_qlora_dx_kernel as launch_qlora_dx passes it (dropout on unless 'nodrop')."""
     k = K_UNALIGNED if "unaligned" in mode else K
     dropout = "nodrop" not in mode
-    args = [Ptr(dt), N, 1, *_weight_ptrs(), Ptr(dt), R, 1, Ptr(dt), k, 1, Ptr(dt), k, 1,
+    aligned = k % BLOCKSIZE == 0
+    args = [Ptr(dt), N, 1, *_weight_ptrs(aligned), Ptr(dt), R, 1, Ptr(dt), k, 1, Ptr(dt), k, 1,
             m, N, k, R, configs.m_bucket(m), DTYPES[dt], 0.25, 0.1 if dropout else 0.0, SEED if dropout else 0]
-    flags = dict(HAS_LORA=True, DROPOUT=dropout, NESTED=True, BS_SHIFT=BLOCKSIZE.bit_length() - 1, BS2=256,
+    flags = dict(HAS_LORA=True, DROPOUT=dropout, NESTED=aligned, BS_SHIFT=BLOCKSIZE.bit_length() - 1, BS2=256,
                  ROW_SCALE=k % BLOCKSIZE == 0 and tile["BLOCK_N"] <= BLOCKSIZE, UPCAST=False,
                  R_BLOCK=_rank_block(R, configs.GEMM_RANK_BLOCK_MAX))
     return args, flags
@@ -187,7 +191,7 @@ def cases():
                 args, flags = _gemm_args(mode[4:], BASE_NONE, dt, 512)
                 add("fused_linear/epilogue", mode, dt, _config_str(e, w, s), arch, args, {**flags, **e}, w, s,
                     tc(e["BLOCK_M"]))
-            lc, cap = configs.lora_config(DTYPES[dt])
+            lc, cap = configs.lora_config(DTYPES[dt], arch)
             w, s = lc.pop("num_warps"), lc.pop("num_stages")
             for r in (16, 64):  # R_BLOCK = rank_block(r, cap): 16 and the cap (64; fp32: 32)
                 rb = _rank_block(r, cap)
@@ -196,8 +200,11 @@ def cases():
                     p, seed = (0.1, SEED) if dropout else (0.0, 0)
                     flags = dict(DROPOUT=dropout, UPCAST=False, R_BLOCK=rb, **lc)
                     rank_tc = "none" if dt == "fp32" else "any" if arch >= 90 else "HMMA"
-                    down = [Ptr(dt), K, 1, Ptr(dt), K, 1, Ptr(dt), r, 1, 4096, K, r, p, seed]
+                    # whole K (M = 4096: xa in x's dtype), and split over K (M = 1: fp32 partial sums)
+                    down = [Ptr(dt), K, 1, Ptr(dt), K, 1, Ptr(dt), 4096 * r, r, 1, 4096, K, r, K, p, seed]
                     add("lora_down", mode, dt, _config_str(lc, w, s), arch, down, flags, w, s, rank_tc)
+                    down = [Ptr(dt), K, 1, Ptr(dt), K, 1, Ptr("fp32"), r, r, 1, 1, K, r, 64, p, seed]
+                    add("lora_down", mode + " split-K", dt, _config_str(lc, w, s), arch, down, flags, w, s, rank_tc)
                     grad_a = [Ptr(dt), r, 1, Ptr(dt), K, 1, Ptr("fp32"), 4096, K, r, 1024, p, seed]
                     add("lora_grad_a", mode, dt, _config_str(lc, w, s), arch, grad_a, flags, w, s, rank_tc)
             deq = [Ptr("u8"), Ptr("fp32"), Ptr("fp32"), Ptr(dt), N * K, BLOCKSIZE.bit_length() - 1]

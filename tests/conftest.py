@@ -12,6 +12,37 @@ if "TRITON_INTERPRET" not in os.environ:
 
 import torch  # noqa: E402
 
+
+def _interpreter_numpy_shim():
+    """triton 3.6's interpreter turns a loop bound into a Python int with int(1-element array)
+    (`range(0, K, BLOCK_K)`), which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars"); triton 3.9 reads the element instead. Where both hold, read the element the same way.
+    Nothing changes on a stack without the problem."""
+    import inspect
+
+    import numpy as np
+
+    try:
+        int(np.zeros(1))
+        return  # this numpy still converts 1-element arrays
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or "int(self.handle.data)" not in inspect.getsource(patch):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_numpy_shim()
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

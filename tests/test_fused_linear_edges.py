@@ -62,7 +62,10 @@ def test_non_contiguous_x_and_adapters(backend, view, layer):
         results.append((y, xs.grad, as_.grad, bs.grad))
     for got, want in zip(*results):
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+        if backend == "triton":  # the same kernels read the same values in the same order: bit for bit
+            assert torch.equal(got, want)
+        else:  # PyTorch's matmul may take another route for a strided operand
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "base-only"])

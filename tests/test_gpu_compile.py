@@ -170,43 +170,50 @@ def test_known_findings_name_real_cases():
         assert set(checks) <= {"build", "shared", "spill", "tensor-core"}, checks
 
 
+GEMM_KERNELS = {"fused_linear/dense", "fused_linear/4bit", "qlora_fwd", "qlora_dx"}
+
+
 def test_cases_cover_every_kernel_and_config():
     kernels = {c["kernel"] for c in CASES}
-    assert kernels == {"fused_linear/dense", "fused_linear/4bit", "fused_linear/epilogue", "lora_down",
-                       "lora_grad_a", "dequantize_4bit"}
+    assert kernels == GEMM_KERNELS | {"fused_linear/epilogue", "lora_down", "lora_grad_a", "dequantize_4bit"}
     assert {c["arch"] for c in CASES} == {80, 90}
     from lora_kernels.ops.common import rank_block
 
     assert all(gc._rank_block(r, cap) == rank_block(r, cap) for r in (1, 8, 16, 17, 64, 128) for cap in (32, 64))
     assert len({c["id"] for c in CASES}) == len(CASES)
     cfgs = gc.configs
-    for dt, size in gc.DTYPES.items():  # every GEMM config of the dtype's lists is compiled, for every arch
-        lists = cfgs.FP32_GEMM_CONFIGS if size == 4 else cfgs.GEMM_CONFIGS + cfgs.ODD_K_GEMM_CONFIGS
-        gemm_cfgs = {f"{bm}x{bn}x{bk} w{w} s{s}" for bm, bn, bk, w, s in lists}
-        for arch in gc.ARCHS:
-            seen = {c["config"] for c in CASES if c["kernel"].startswith("fused_linear/") and c["dtype"] == dt
-                    and c["arch"] == arch and c["kernel"] != "fused_linear/epilogue"}
-            assert seen == gemm_cfgs, (dt, arch, gemm_cfgs ^ seen)
+    for dt, size in gc.DTYPES.items():  # every config a launch kind can draw is compiled, for every arch
+        for kernel, kind in (("fused_linear/dense", "dense"), ("fused_linear/4bit", "4bit_odd"),
+                             ("qlora_fwd", "qlora_fwd"), ("qlora_dx", "qlora_dx")):
+            for arch in gc.ARCHS:
+                drawable = {f"{bm}x{bn}x{bk} w{w} s{s}" for bm, bn, bk, w, s in cfgs.all_gemm_configs()
+                            if any(cfgs.config_allowed(bm, bn, bk, w, s, m=m, kind=kind, dtype_bytes=size,
+                                                       dropout=drop, arch=arch)
+                                   for m in (1, 16, 256, 512, 8192) for drop in (False, True))}
+                seen = {c["config"] for c in CASES if c["kernel"] == kernel and c["dtype"] == dt and c["arch"] == arch}
+                assert seen == drawable, (kernel, dt, arch, drawable ^ seen)
 
 
 @pytest.mark.parametrize("arch", [None, *gc.ARCHS])
 def test_every_launch_keeps_a_gemm_candidate(arch):
-    """prune_gemm_configs raises when nothing fits: each (M bucket, dtype, weight kind, K parity, direction,
-    dropout, arch) the launcher can produce keeps at least one config, and M <= 16 keeps only 16-row tiles."""
+    """prune_for raises when nothing fits: each (M bucket, dtype, launch kind, dropout, arch) the launcher can
+    produce keeps at least one config, M <= 16 keeps only 16-row tiles, and above M = 256 every 16-bit launch
+    keeps a tensor-core tile whose MMA has at least 64 rows (HGMMA on sm_90)."""
     from lora_kernels.ops import configs
 
     for m in (1, 2, 16, 17, 64, 256, 257, 512, 2048, 8192, 100000):
         for dtype_bytes in (2, 4):
-            for base, paired, w_trans in ((1, False, False), (2, True, True), (2, True, False), (2, False, True),
-                                          (2, False, False)):
-                for dropout in ((False, True) if not w_trans else (False,)):
+            for kind in configs.KINDS:
+                for dropout in ((False, True) if kind in ("dense", "4bit_odd", "qlora_dx") else (False,)):
                     keep = [c for c in configs.all_gemm_configs()
-                            if configs.config_allowed(*c, m=m, dtype_bytes=dtype_bytes,
-                                                      dropout=dropout, paired=paired, base=base, w_trans=w_trans,
+                            if configs.config_allowed(*c, m=m, kind=kind, dtype_bytes=dtype_bytes, dropout=dropout,
                                                       arch=arch)]
-                    assert keep, (m, dtype_bytes, base, paired, w_trans, dropout, arch)
+                    assert keep, (m, dtype_bytes, kind, dropout, arch)
                     if m <= 16:
                         assert all(c[0] == 16 for c in keep), keep
+                    if m > 256 and dtype_bytes == 2:
+                        mma_rows = [c[1] if kind == "qlora_fwd" else c[0] for c in keep]
+                        assert max(mma_rows) >= 64, (m, kind, dropout, arch, keep)
 
 
 def test_prune_reads_the_arch_from_cuda_tensors_only():
@@ -217,13 +224,31 @@ def test_prune_reads_the_arch_from_cuda_tensors_only():
 
     assert configs.device_arch(torch.empty(1)) is None
     assert configs.device_arch(None) is None
-    named = dict(M=4096, out_ptr=torch.empty(1))
-    kwargs = dict(DTYPE_BYTES=2, DROPOUT=False, PAIRED=True, BASE=2, W_TRANS=False)
+    named = dict(M=4096, K=4096, out_ptr=torch.empty(1))
+    kwargs = dict(DTYPE_BYTES=2, BS_SHIFT=6)
     kept = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in configs.prune_gemm_configs(configs.gemm_configs(), named, **kwargs)}
+            for c in configs.prune_for("qlora_fwd")(configs.gemm_configs(), named, **kwargs)}
     assert kept == {c for c in configs.GEMM_CONFIGS if c[0] != 16}
-    sm80 = {c for c in kept if configs.config_allowed(*c, m=4096, base=2, w_trans=False, arch=80)}
-    assert kept - sm80 == configs.PRE_HOPPER_4BIT_BWD_EXCLUDED
+    sm80 = {c for c in kept if configs.config_allowed(*c, m=4096, kind="qlora_fwd", arch=80)}
+    assert kept - sm80 == {c for c in kept if configs.spill_prune("qlora_fwd", c, arch=80, dtype_bytes=2, dropout=False)}
+    assert kept - sm80  # (64, 128, 64, 4, 4) spills on sm_80
+
+
+def test_dx_prefers_tiles_inside_one_scale_block():
+    """dx tiles no wider than the blocksize read one scale per row of W and step; wider ones gather one per
+    byte. With K a multiple of the blocksize the autotuner gets only the former, unless none fits."""
+    import torch
+
+    from lora_kernels.ops import configs
+
+    def kept(k, bs_shift):
+        named = dict(M=4096, K=k, dx_ptr=torch.empty(1))
+        return {c.kwargs["BLOCK_N"] for c in configs.prune_for("qlora_dx")(configs.gemm_configs(), named,
+                                                                           DTYPE_BYTES=2, BS_SHIFT=bs_shift)}
+
+    assert kept(4096, 6) == {64}  # blocksize 64: only 64-wide tiles
+    assert 128 in kept(4096 + 32, 6)  # not aligned: per-byte scales anyway, every width
+    assert kept(4096, 5)  # blocksize 32: no tile fits, so all are kept rather than none
 
 
 def test_specialization_matches_triton_launcher():

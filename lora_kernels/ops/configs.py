@@ -48,10 +48,32 @@ FP32_GEMM_CONFIGS = [
     (32, 64, 16, 4, 3),
     (16, 64, 16, 4, 3),
     (16, 32, 32, 4, 3),
+    (32, 32, 32, 4, 3),  # the 4-bit forward reduces over K's even and odd halves apart: BLOCK_K >= 32
 ]
-# Pre-Hopper only (found on sm_80 by the compile test): the 4-bit dx (mma.sync) spills 4 B at 64x128x64 w4
-# with 255 registers; the same tile is clean on sm_90 (wgmma).
-PRE_HOPPER_4BIT_BWD_EXCLUDED = {(64, 128, 64, 4, 4)}
+# Tiles that spill registers on one arch or Triton version only, found by tests/test_gpu_compile.py (which
+# runs under triton 3.9 and 3.6 in CI) and pruned there alone: (kind, tile, arch below which it applies or
+# None, Triton version below which it applies or None, activation bytes or None, dropout only, what was seen).
+TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+SPILL_PRUNES = [
+    ("qlora_dx", (64, 128, 64, 4, 4), 90, None, None, False, "4 B, sm_80 (mma.sync, 255 registers)"),
+    ("qlora_dx", (128, 128, 64, 8, 3), 90, None, None, False, "4 B, sm_80, triton 3.9"),
+    ("qlora_fwd", (64, 128, 64, 4, 4), 90, None, None, False, "12-32 B, sm_80, triton 3.9 and 3.6"),
+    ("qlora_dx", (16, 64, 128, 4, 4), None, (3, 7), 2, True, "4-8 B with the dropout epilogue, sm_90, triton 3.6"),
+    ("4bit_odd", (64, 64, 64, 4, 4), 90, (3, 7), 2, False, "8-16 B, sm_80, triton 3.6"),
+    ("4bit_odd", (32, 64, 16, 4, 3), None, (3, 7), 4, False, "4-8 B, fp32 dx, sm_90 and sm_80, triton 3.6"),
+]
+# lora_grad_a spills 4-8 B with 64-wide rank chunks on sm_80 under triton 3.6: 32-wide chunks there.
+OLD_TRITON_PRE_HOPPER_RANK_BLOCK_MAX = 32
+
+
+def spill_prune(kind, cfg, *, arch, dtype_bytes, dropout, triton_version=TRITON_VERSION):
+    """Why SPILL_PRUNES drops this tile for this launch, or None."""
+    for k, tile, below_arch, below_triton, nbytes, drop_only, why in SPILL_PRUNES:
+        if (k == kind and tile == cfg and (below_arch is None or (arch is not None and arch < below_arch))
+                and (below_triton is None or triton_version < below_triton)
+                and (nbytes is None or nbytes == dtype_bytes) and (dropout or not drop_only)):
+            return why
+    return None
 # The backward dropout epilogue keeps a second fp32 accumulator and Philox state per element: tiles with
 # more than this many output elements per thread spill registers there (sm_90 compile, tests/test_gpu_compile.py).
 DROPOUT_MAX_ELEMS_PER_THREAD = 32
@@ -118,15 +140,27 @@ def all_gemm_configs():
     return list(dict.fromkeys(GEMM_CONFIGS + ODD_K_GEMM_CONFIGS + FP32_GEMM_CONFIGS))
 
 
-def gemm_configs():
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M), num_warps=w, num_stages=s)
+def config_name(bm, bn, bk, num_warps, num_stages):
+    return f"{bm}x{bn}x{bk} w{num_warps} s{num_stages}"
+
+
+def gemm_configs(note=None):
+    """triton.Configs of every GEMM config; `note(name)` runs before each is launched (or compiled), so a build
+    error that escapes the autotuner can be pinned to its config."""
+    def hook(name):
+        return (lambda nargs: note(name)) if note else None
+
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M), num_warps=w, num_stages=s,
+                          pre_hook=hook(config_name(bm, bn, bk, w, s)))
             for bm, bn, bk, w, s in all_gemm_configs()]
 
 
-def lora_config(dtype_bytes=2):
+def lora_config(dtype_bytes=2, arch=None):
     """(tiles with num_warps / num_stages, R_BLOCK cap) of the rank kernels for this activation size."""
     if dtype_bytes == 4:
         return dict(FP32_LORA_CONFIG), FP32_LORA_RANK_BLOCK_MAX
+    if arch is not None and arch < 90 and TRITON_VERSION < (3, 7):
+        return dict(LORA_CONFIG), OLD_TRITON_PRE_HOPPER_RANK_BLOCK_MAX
     return dict(LORA_CONFIG), LORA_RANK_BLOCK_MAX
 
 
@@ -135,12 +169,16 @@ def epilogue_config(dtype_bytes=2):
     return dict(FP32_EPILOGUE_CONFIG if dtype_bytes == 4 else EPILOGUE_CONFIG)
 
 
-def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, kind, dtype_bytes=2, dropout=False, arch=None):
+def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, kind, dtype_bytes=2, dropout=False, arch=None,
+                   scale_block=None):
     """Whether a GEMM tile config is a candidate for this launch (the same rules the compile test checks).
 
     arch: the GPU's compute capability as major * 10 + minor (90 for H100), None when unknown (no
-    arch-specific pruning)."""
+    arch-specific pruning). scale_block: for dx, the blocksize when in_features is a multiple of it: tiles at
+    most that wide read one scale per row of W and step instead of one per byte (prune_for prefers them)."""
     cfg = (bm, bn, bk, num_warps, num_stages)
+    if kind == "qlora_dx" and scale_block and bn > scale_block:
+        return False
     if cfg not in gemm_candidates(dtype_bytes, kind):
         return False
     if _smem_estimate(bm, bn, bk, num_stages, 4 if dtype_bytes == 4 else 2) > SHARED_MEMORY_LIMIT:
@@ -149,7 +187,7 @@ def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, kind, dtype_bytes=2,
         return False
     if kind == "qlora_fwd" and bk < 32:  # the forward reduces over even and odd K apart: BLOCK_K / 2 >= 16
         return False
-    if arch is not None and arch < 90 and kind == "qlora_dx" and cfg in PRE_HOPPER_4BIT_BWD_EXCLUDED:
+    if spill_prune(kind, cfg, arch=arch, dtype_bytes=dtype_bytes, dropout=dropout) is not None:
         return False
     if m <= 16:
         return bm == 16
@@ -174,10 +212,18 @@ def prune_for(kind):
         args = {**named_args, **kwargs}
         launch_kind = ("4bit_odd" if args.get("BASE") == 2 else "dense") if kind == "generic" else kind
         out = args.get("out_ptr", args.get("dx_ptr"))
-        keep = [c for c in configs
-                if config_allowed(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+        blocksize = 1 << args["BS_SHIFT"] if kind == "qlora_dx" else 0
+        aligned = blocksize and args["K"] % blocksize == 0
+
+        def allowed(c, scale_block):
+            return config_allowed(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                   c.num_stages, m=args["M"], kind=launch_kind, dtype_bytes=args.get("DTYPE_BYTES", 2),
-                                  dropout=bool(args.get("DROPOUT", False)), arch=device_arch(out))]
+                                  dropout=bool(args.get("DROPOUT", False)), arch=device_arch(out),
+                                  scale_block=scale_block)
+
+        keep = [c for c in configs if allowed(c, blocksize if aligned else None)]
+        if not keep and aligned:  # no tile fits in a block (blocksize 32): per-byte scales then
+            keep = [c for c in configs if allowed(c, None)]
         if not keep:
             raise RuntimeError(f"no GEMM config fits this {launch_kind} launch (M={args['M']}); configs.py needs one")
         return keep

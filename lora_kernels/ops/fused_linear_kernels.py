@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import KernelBuildError
 from . import configs
 from .common import UPCAST_DOT, INTERPRETED, mma, philox_uniform, rank_block
+from ..nf4 import block_scales
 from .dequant import block_scale, decode_4bit, decode_pair
 
 BASE_NONE, BASE_DENSE, BASE_4BIT = 0, 1, 2
@@ -240,22 +242,28 @@ def _dx_store(acc, offs_k, offs_m, dxa_ptr, stride_dxm, stride_dxr, a_ptr, strid
 
 
 _GEMM_KEY = ["M_BUCKET", "DTYPE_BYTES", "R", "HAS_LORA"]  # + the extents and flags of each kernel
+_LAST_CONFIG = {}  # "current": the config the autotuner launched (or compiled) last
+
+
+def _note_config(name):
+    _LAST_CONFIG["current"] = name
+
 _fused_linear_tuned = triton.autotune(
-    configs=configs.gemm_configs(), key=_GEMM_KEY + ["OUT", "RED", "BASE", "HAS_BIAS", "DROPOUT"],
+    configs=configs.gemm_configs(note=_note_config), key=_GEMM_KEY + ["OUT", "RED", "BASE", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_for("generic")},
 )(_fused_linear_kernel)
 # The forward's K step: the whole BLOCK_K, or one block when BLOCK_K spans several (one scale per row each).
 _qlora_fwd = triton.heuristics({"SUB_K": lambda a: min(a["BLOCK_K"], 1 << a["BS_SHIFT"]) if a["ROW_SCALE"]
                                 else a["BLOCK_K"]})(_qlora_fwd_kernel)
 _qlora_fwd_tuned = triton.autotune(
-    configs=configs.gemm_configs(), key=_GEMM_KEY + ["N", "K", "HAS_BIAS", "NESTED", "ROW_SCALE"],
+    configs=configs.gemm_configs(note=_note_config), key=_GEMM_KEY + ["N", "K", "HAS_BIAS", "NESTED", "ROW_SCALE"],
     prune_configs_by={"early_config_prune": configs.prune_for("qlora_fwd")},
 )(_qlora_fwd)
 # dx's scales: one per row of W and step when its BLOCK_N output columns sit inside one block.
 _qlora_dx = triton.heuristics({"ROW_SCALE": lambda a: a["K"] % (1 << a["BS_SHIFT"]) == 0
                                and a["BLOCK_N"] <= (1 << a["BS_SHIFT"])})(_qlora_dx_kernel)
 _qlora_dx_tuned = triton.autotune(
-    configs=configs.gemm_configs(), key=_GEMM_KEY + ["N", "K", "DROPOUT", "NESTED"],
+    configs=configs.gemm_configs(note=_note_config), key=_GEMM_KEY + ["N", "K", "DROPOUT", "NESTED"],
     prune_configs_by={"early_config_prune": configs.prune_for("qlora_dx")},
 )(_qlora_dx)
 
@@ -264,20 +272,24 @@ _qlora_dx_tuned = triton.autotune(
 def _lora_down_kernel(
     x_ptr, stride_xm, stride_xk,
     a_ptr, stride_ar, stride_ak,  # lora_A [R, K]
-    out_ptr, stride_om, stride_or,  # xa [M, R]
-    M, K, R, dropout_p, seed,
+    out_ptr, stride_os, stride_om, stride_or,  # xa [M, R], or fp32 partial sums [SPLIT, M, R]
+    M, K, R, k_per_split, dropout_p, seed,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """xa = drop(x) @ A^T, the mask regenerated from (seed, row, col)."""
+    """xa = drop(x) @ A^T over this program's K range (program_id 2 of the splits), the mask regenerated
+    from (seed, row, col)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * R_BLOCK + tl.arange(0, R_BLOCK)
+    split = tl.program_id(2)
     mask_m = offs_m < M
     mask_r = offs_r < R
+    k_start = split * k_per_split
+    k_end = min(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+        mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DROPOUT:
@@ -288,7 +300,7 @@ def _lora_down_kernel(
         acc = mma(x, a_t, acc, UPCAST)
     if DROPOUT:
         acc = acc / (1.0 - dropout_p)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or,
+    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or,
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -329,15 +341,34 @@ def _lora_grad_a_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 
+def build_error(exc) -> bool:
+    """Whether `exc` is Triton failing to compile a kernel (as opposed to a bad argument or a CUDA error)."""
+    from triton.compiler.errors import CompilationError
+
+    if isinstance(exc, CompilationError) or type(exc).__name__ in ("PTXASError", "OutOfResources"):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        s in str(exc) for s in ("PassManager::run failed", "Pipeline failed", "LLVM ERROR", "Illegal shared layout"))
+
+
 def _launch_gemm(kernel, tuned, grid, args, flags, config):
     """Run a GEMM: the autotuned kernel on a GPU; under the interpreter, `config` (a GPU tile, as the tests
-    pass it) or the small interpreter tile. config: dict of BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M."""
-    if INTERPRETED:
-        kernel[grid](*args, **flags, **(config or configs.INTERPRETER_GEMM))
-    elif config is not None:
-        kernel[grid](*args, **flags, **config)
-    else:
-        tuned[grid](*args, **flags)
+    pass it) or the small interpreter tile. config: dict of BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M. A compile error
+    is raised as KernelBuildError naming the kernel, the config and the Triton version."""
+    _LAST_CONFIG.pop("current", None)
+    tile = config or (configs.INTERPRETER_GEMM if INTERPRETED else None)
+    try:
+        if tile is not None:
+            kernel[grid](*args, **flags, **tile)
+        else:
+            tuned[grid](*args, **flags)
+    except Exception as exc:
+        if not build_error(exc):
+            raise
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+        where = (f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']}" if tile is not None
+                 else _LAST_CONFIG.get("current", "unknown (autotuning)"))
+        raise KernelBuildError(name, where, triton.__version__, exc) from exc
 
 
 def _grid(m, n_out):
@@ -377,9 +408,12 @@ def launch_fused_linear(act, w, w_strides, base, out, *, code=None, scales=None,
 
 
 def _weight_args(q):
-    """Pointer arguments of a 4-bit weight (packed, code, absmax, code2, absmax2, offset) and its flags."""
-    nested = q.code2 is not None
-    ptrs = [q.packed, q.code, q.absmax] + ([q.code2, q.absmax2, q.offset] if nested else [q.absmax] * 3)
+    """Pointer arguments of a 4-bit weight (packed, code, absmax, code2, absmax2, offset) and its flags. With
+    in_features a multiple of the blocksize the kernels undo double quantization per (row, block); otherwise
+    they gather a scale per byte, and one fp32 gather (block_scales, a PyTorch pass) spills less than three."""
+    nested = q.code2 is not None and q.shape[1] % q.blocksize == 0
+    absmax = q.absmax if nested or q.code2 is None else block_scales(q).contiguous()
+    ptrs = [q.packed, q.code, absmax] + ([q.code2, q.absmax2, q.offset] if nested else [absmax] * 3)
     return ptrs, dict(NESTED=nested, BS_SHIFT=q.blocksize.bit_length() - 1, BS2=q.blocksize2 if nested else 1)
 
 
@@ -437,22 +471,34 @@ def launch_qlora_dx(dy, q, dx, *, dxa=None, a=None, scaling=1.0, dropout_p=0.0, 
 
 def _rank_kernel_tiles(x):
     """(tiles, R_BLOCK cap) for x's dtype; the interpreter keeps its small tiles but the same cap."""
-    tiles, cap = configs.lora_config(x.element_size())
+    tiles, cap = configs.lora_config(x.element_size(), configs.device_arch(x))
     return (dict(configs.INTERPRETER_LORA) if INTERPRETED else tiles), cap
 
 
-def launch_lora_down(x, a, dropout_p, seed):
-    """xa [M, R] = drop(x) @ a^T in x's dtype (a already in x's dtype)."""
+# Below this many programs over (M, r) tiles, the down-projection splits K too: at decode sizes one program
+# would otherwise stream all of A alone (r x K) while the other SMs idle.
+LORA_DOWN_MIN_PROGRAMS = 132
+
+
+def launch_lora_down(x, a, dropout_p, seed, *, split=None):
+    """xa [M, R] = drop(x) @ a^T in x's dtype (a already in x's dtype). Few (M, r) tiles: K split over programs
+    into fp32 partial sums, added after. `split` overrides the choice (tests)."""
     m, k = x.shape
     r = a.shape[0]
-    out = torch.empty((m, r), dtype=x.dtype, device=x.device)
     tiles, cap = _rank_kernel_tiles(x)
     rb = rank_block(r, cap)
-    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(r, rb))
+    programs = triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(r, rb)
+    if split is None:
+        split = min(triton.cdiv(k, tiles["BLOCK_K"]), max(1, LORA_DOWN_MIN_PROGRAMS // programs))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), tiles["BLOCK_K"]) * tiles["BLOCK_K"]
+    split = triton.cdiv(k, k_per_split)
+    out = torch.empty((split, m, r) if split > 1 else (1, m, r), dtype=torch.float32 if split > 1 else x.dtype,
+                      device=x.device)
+    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(r, rb), split)
     _lora_down_kernel[grid](x, x.stride(0), x.stride(1), a, a.stride(0), a.stride(1), out, out.stride(0),
-                            out.stride(1), m, k, r, float(dropout_p), int(seed), DROPOUT=dropout_p > 0.0,
-                            UPCAST=UPCAST_DOT, R_BLOCK=rb, **tiles)
-    return out
+                            out.stride(1), out.stride(2), m, k, r, k_per_split, float(dropout_p), int(seed),
+                            DROPOUT=dropout_p > 0.0, UPCAST=UPCAST_DOT, R_BLOCK=rb, **tiles)
+    return out.sum(0).to(x.dtype) if split > 1 else out[0]
 
 
 def launch_lora_grad_a(dxa, x, dropout_p, seed, *, tiles=None, split=None):
