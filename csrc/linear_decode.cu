@@ -453,13 +453,17 @@ int lk_linear_decode_fwd(const lk_decode_args* args, void* stream) {
   p.log2_bs2 = args->nested ? ilog2_exact(args->blocksize2) : 0;
   p.base3210 = 0x32103210u;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  // This library links its own (static) runtime: make the tensors' device current for it.
-  if ((g_last_error = cudaSetDevice(args->device)) != cudaSuccess) return LK_CUDA_ERROR;
+  // This library links its own (static) runtime: make the tensors' device current for the launch,
+  // and put the caller's back afterwards.
+  int previous = -1;
+  if ((g_last_error = cudaGetDevice(&previous)) != cudaSuccess) return LK_CUDA_ERROR;
+  if (previous != args->device && (g_last_error = cudaSetDevice(args->device)) != cudaSuccess) return LK_CUDA_ERROR;
   if (args->dtype == LK_BF16)
     launch<true>(p, path, s);
   else
     launch<false>(p, path, s);
   g_last_error = cudaGetLastError();
+  if (previous != args->device) cudaSetDevice(previous);
   return g_last_error == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
 }
 
