@@ -23,7 +23,6 @@ constexpr int kStep = 128;     // k per warp step: 4 lanes x 32 elements
 constexpr int kMaxWarps = 16;  // warps per CTA (split-K inside the CTA)
 constexpr int kGenericWarps = 8;
 constexpr int kTableWords = 256 * 32;              // 32 KB: 256 code pairs x 32 lanes
-constexpr int kRedWords = kMaxWarps * kRows * 16;  // 16 KB of fp32 partial sums
 
 struct Params {
   lk_decode_args a;
@@ -181,20 +180,20 @@ __device__ __forceinline__ void mma_step(const Decode& decode, const uint4& qa, 
   }
 }
 
-template <bool BF16, int NT, bool NESTED, bool SCALE_AFTER, bool SMEM>
+template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, bool SMEM>
 __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Params p) {
   using T = typename Elem<BF16>::T;
+  constexpr int kCtaRows = kRows * RT;  // RT row tiles per warp share each x fragment (M > 8: halves x traffic)
+  constexpr int kRed = kMaxWarps * kCtaRows * 16;
   // SMEM: the 256 byte -> code-pair table, one copy per lane (entry-major, so the 32 lanes of a warp
   // always hit 32 different banks); afterwards the split-K partial sums. Else only the latter.
-  __shared__ __align__(16) uint32_t smem[SMEM ? kTableWords : kRedWords];
-  float(*red)[kRows][16] = reinterpret_cast<float(*)[kRows][16]>(smem);
+  __shared__ __align__(16) uint32_t smem[SMEM && kTableWords > kRed ? kTableWords : kRed];
+  float(*red)[kCtaRows][16] = reinterpret_cast<float(*)[kCtaRows][16]>(smem);
   const lk_decode_args& a = p.a;
   const int K = a.k;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * kRows;
-  // Rows past N re-read row N-1; their sums are never stored.
-  const int ra = min(row0 + g, a.n - 1), rb = min(row0 + g + 8, a.n - 1);
+  const int row0 = blockIdx.x * kCtaRows;
   const lk::Table tab = lk::make_table<BF16>(a.code);
   const uint32_t base = p.base3210;
   const uint32_t lane4 = 4u * lane;
@@ -223,15 +222,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   };
   const float offset = NESTED ? __ldg(a.offset) : 0.f;
   // A step covers 64 elements per (row, block) pair of lanes (t = 0,1 and t = 2,3): each lane
-  // computes one scale, for row g or g+8 by t's low bit and its pair's block, and the quad swaps them.
-  const uint32_t fs0 = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2));
+  // computes one scale per row tile, for row g or g+8 by t's low bit and its pair's block, and the
+  // quad swaps them.
   const int src_a = (int)opaque((lane & ~3) | (t & 2)), src_b = src_a | 1;
-
   const int stride = (int)opaque(nwarps * kStep);
-  int kb = warp * kStep;
-  const uint8_t* pa = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
-  const uint8_t* pb = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
   const int wstep = stride >> 1;
+  int kb = warp * kStep;
+  uint32_t fs0[RT];
+  const uint8_t* pa[RT];
+  const uint8_t* pb[RT];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    // Rows past N re-read row N-1; their sums are never stored.
+    const int ra = min(row0 + kRows * rt + g, a.n - 1), rb = min(row0 + kRows * rt + g + 8, a.n - 1);
+    fs0[rt] = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2));
+    pa[rt] = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
+    pb[rt] = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
+  }
   const T* xp[NT];
   bool xok[NT];
   uint32_t xr[NT][16];
@@ -243,14 +250,21 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
 #pragma unroll
     for (int j = 0; j < 16; ++j) xr[nt][j] = 0u;  // tokens >= M keep these zeros
   }
-  float acc[NT][4];
+  float acc[RT][NT][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[rt][nt][0] = acc[rt][nt][1] = acc[rt][nt][2] = acc[rt][nt][3] = 0.f;
 
-  auto step = [&](const uint4& qa, const uint4& qb, uint32_t fs) {
-    const float s = load_scale<NESTED>(p, offset, fs);
-    const uint32_t s2 = SCALE_AFTER ? __float_as_uint(s) : pack_scale<BF16>(s);
-    const uint32_t sa = __shfl_sync(0xffffffffu, s2, src_a), sb = __shfl_sync(0xffffffffu, s2, src_b);
+  // W for one step: rows g and g+8 of each row tile.
+  struct Wq {
+    uint4 a[RT], b[RT];
+  };
+  auto load_w = [&](Wq& w, int offset_bytes) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) w.a[rt] = ld_stream(pa[rt] + offset_bytes), w.b[rt] = ld_stream(pb[rt] + offset_bytes);
+  };
+  auto step = [&](const Wq& w, int kstep, bool tail) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       if (xok[nt]) {
@@ -262,52 +276,74 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
         }
       }
     }
-    mma_step<BF16, NT, SCALE_AFTER>(decode, qa, qb, sa, sb, xr, acc);
-    pa += wstep, pb += wstep;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      // In the tail, lanes 2,3 fetch an in-range scale they do not use.
+      const uint32_t fs = fs0[rt] + kstep - (tail ? 32u * (t & 2) : 0u);
+      const float s = load_scale<NESTED>(p, offset, fs);
+      const uint32_t s2 = SCALE_AFTER ? __float_as_uint(s) : pack_scale<BF16>(s);
+      const uint32_t sa = __shfl_sync(0xffffffffu, s2, src_a), sb = __shfl_sync(0xffffffffu, s2, src_b);
+      mma_step<BF16, NT, SCALE_AFTER>(decode, w.a[rt], w.b[rt], sa, sb, xr, acc[rt]);
+      pa[rt] += wstep, pb[rt] += wstep;
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xp[nt] += stride;
   };
 
-  // Two register sets for W, so the next step's bytes are in flight while one decodes.
-  uint4 qa0 = make_uint4(0, 0, 0, 0), qb0 = qa0, qa1 = qa0, qb1 = qa0;
-  if (kb + kStep <= K) qa0 = ld_stream(pa), qb0 = ld_stream(pb);
-  while (kb + kStep <= K) {
+  // One row tile: two register sets for W, so the next step's bytes are in flight while one decodes.
+  // Two row tiles: one set (the registers would spill), the step's loads issued before its x loads.
+  Wq w0, w1;
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) w0.a[rt] = w0.b[rt] = w1.a[rt] = w1.b[rt] = make_uint4(0, 0, 0, 0);
+  if (RT > 1) {
+    while (kb + kStep <= K) {
+      load_w(w0, 0);
+      step(w0, kb, false);
+      kb += stride;
+    }
+  }
+  if (RT == 1 && kb + kStep <= K) load_w(w0, 0);
+  while (RT == 1 && kb + kStep <= K) {
     const bool more = kb + stride + kStep <= K;
-    if (more) qa1 = ld_stream(pa + wstep), qb1 = ld_stream(pb + wstep);
-    step(qa0, qb0, fs0 + kb);
+    if (more) load_w(w1, wstep);
+    step(w0, kb, false);
     kb += stride;
     if (!more) break;
     const bool more2 = kb + stride + kStep <= K;
-    if (more2) qa0 = ld_stream(pa + wstep), qb0 = ld_stream(pb + wstep);
-    step(qa1, qb1, fs0 + kb);
+    if (more2) load_w(w0, wstep);
+    step(w1, kb, false);
     kb += stride;
     if (!more2) break;
   }
   if (kb < K) {  // K % 128 == 64 (blocksize 64 only): lanes t = 2, 3 are past the row's end
     const bool live = t < 2;
-    uint4 qa = make_uint4(0, 0, 0, 0), qb = qa;
-    if (live) qa = ld_stream(pa), qb = ld_stream(pb);
+    Wq w;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) w.a[rt] = w.b[rt] = make_uint4(0, 0, 0, 0);
+    if (live) load_w(w, 0);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xok[nt] = xok[nt] && live;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int j = 0; j < 16; ++j) xr[nt][j] = 0u;
-    step(qa, qb, fs0 + kb - 32u * (t & 2));  // lanes 2,3 fetch an in-range scale they do not use
+    step(w, kb, true);
   }
 
   if (SMEM) __syncthreads();  // every warp is done with the table before it holds partial sums
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int c = 8 * nt + 2 * t;
-    red[warp][g][c] = acc[nt][0];
-    red[warp][g][c + 1] = acc[nt][1];
-    red[warp][g + 8][c] = acc[nt][2];
-    red[warp][g + 8][c + 1] = acc[nt][3];
-  }
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = 8 * nt + 2 * t, r = kRows * rt + g;
+      red[warp][r][c] = acc[rt][nt][0];
+      red[warp][r][c + 1] = acc[rt][nt][1];
+      red[warp][r + 8][c] = acc[rt][nt][2];
+      red[warp][r + 8][c + 1] = acc[rt][nt][3];
+    }
   __syncthreads();
-  for (int e = threadIdx.x; e < kRows * a.m; e += blockDim.x) {
-    const int row = e % kRows, tok = e / kRows, n = row0 + row;
+  for (int e = threadIdx.x; e < kCtaRows * a.m; e += blockDim.x) {
+    const int row = e % kCtaRows, tok = e / kCtaRows, n = row0 + row;
     if (n >= a.n) continue;
     float s = 0.f;
     for (int w = 0; w < nwarps; ++w) s += red[w][row][tok];
@@ -357,28 +393,28 @@ int ilog2_exact(int v) {  // log2 of a power of two, else -1
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-template <bool BF16, int NT, bool SMEM>
+template <bool BF16, int NT, int RT, bool SMEM>
 void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
   const dim3 grid(tiles), block(warps * 32);
   if (p.a.nested) {
     if (after)
-      decode_fast_kernel<BF16, NT, true, true, SMEM><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, RT, true, true, SMEM><<<grid, block, 0, stream>>>(p);
     else
-      decode_fast_kernel<BF16, NT, true, false, SMEM><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, RT, true, false, SMEM><<<grid, block, 0, stream>>>(p);
   } else {
     if (after)
-      decode_fast_kernel<BF16, NT, false, true, SMEM><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, RT, false, true, SMEM><<<grid, block, 0, stream>>>(p);
     else
-      decode_fast_kernel<BF16, NT, false, false, SMEM><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, RT, false, false, SMEM><<<grid, block, 0, stream>>>(p);
   }
 }
 
-template <bool BF16, int NT>
+template <bool BF16, int NT, int RT>
 void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
   if (p.a.table_in_registers)
-    launch_fast<BF16, NT, false>(p, after, tiles, warps, stream);
+    launch_fast<BF16, NT, RT, false>(p, after, tiles, warps, stream);
   else
-    launch_fast<BF16, NT, true>(p, after, tiles, warps, stream);
+    launch_fast<BF16, NT, RT, true>(p, after, tiles, warps, stream);
 }
 
 template <bool BF16>
@@ -391,17 +427,23 @@ void launch(const Params& p, int path, cudaStream_t stream) {
   }
   int sms = 132;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device);
-  const int tiles = (a.n + kRows - 1) / kRows;
+  // M > 8 (two n8 token tiles): two row tiles per warp share each x fragment, which halves the x traffic
+  // through L1 (otherwise 4 bytes per packed weight byte, beside the table's 4), when N still gives
+  // about one such CTA per SM.
+  const int rt = a.m <= 8 ? 1 : a.row_tiles ? a.row_tiles : (a.n + 2 * kRows - 1) / (2 * kRows) >= (3 * sms) / 4 ? 2 : 1;
+  const int tiles = (a.n + rt * kRows - 1) / (rt * kRows);
   const int steps = (a.k + kStep - 1) / kStep;
   // Warps per CTA (split-K inside the CTA): the most that keeps every CTA resident in one wave at
   // about 16 warps per SM (enough 16-byte loads in flight for HBM), never more than K's 128-wide steps.
   int warps = 1;
   while (warps < kMaxWarps && warps * 2 * tiles <= 16 * sms && warps * 2 <= steps) warps *= 2;
   const bool after = a.blocksize >= kStep && a.k % kStep == 0;
-  if (a.m > 8)
-    launch_fast<BF16, 2>(p, after, tiles, warps, stream);
+  if (rt == 2)
+    launch_fast<BF16, 2, 2>(p, after, tiles, warps, stream);
+  else if (a.m > 8)
+    launch_fast<BF16, 2, 1>(p, after, tiles, warps, stream);
   else
-    launch_fast<BF16, 1>(p, after, tiles, warps, stream);
+    launch_fast<BF16, 1, 1>(p, after, tiles, warps, stream);
 }
 
 }  // namespace
@@ -436,6 +478,7 @@ int lk_decode_path(const lk_decode_args* a) {
   if (a->blocksize < 1) return -1;
   if (a->nested && (!a->code2 || !a->absmax2 || !a->offset || a->blocksize2 < 1)) return -1;
   if (a->r > 0 && (!a->xa || !a->b)) return -1;
+  if (a->row_tiles < 0 || a->row_tiles > 2) return -1;
   if (a->force_generic) return 0;
   // The fast kernel's steps pair lanes over 64 elements of one block: K % 64 == 0, blocksize >= 64.
   const bool fast = a->k % 64 == 0 && ilog2_exact(a->blocksize) >= 6 &&

@@ -48,6 +48,7 @@ typedef struct lk_decode_args {
   int32_t device;         // CUDA device index of every tensor (made current before the launch)
   int32_t table_in_registers;  // fast kernel's decode: 1 PRMT over a 16-entry register table,
                                // 0 a 256-entry byte -> pair table in shared memory (default)
+  int32_t row_tiles;           // 16-row tiles per warp in the fast kernel: 0 auto, 1, or 2 (M > 8 only)
 } lk_decode_args;
 
 LK_API int lk_abi_version(void);

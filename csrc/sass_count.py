@@ -8,7 +8,8 @@ RES_FILE: `cuobjdump --dump-resource-usage`; prints registers per kernel, fails 
 (spills).
 
 The main loop is the backward branch whose body holds the HMMAs. Each lane feeds one
-m16n8k16 MMA per 8 weight elements per n8 token tile, so elements per lane = 8 * HMMA / NT.
+m16n8k16 MMA per 8 weight elements per n8 token tile, so elements per lane = 8 * HMMA / NT
+(whatever the row tiles per warp).
 Reports instructions per weight element (per lane) by kernel and arch; exits 1 over budget.
 Shared-memory-table kernels (the default decode) with SCALE_AFTER = true (blocksize >= 128) are held
 to --budget, the others (blocksize 64: one packed multiply per decoded pair) to --budget-prescaled;
@@ -55,11 +56,11 @@ def main_loop(ins):
 
 
 def demangled_flags(name):
-    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELb(\d)ELb(\d)ELb(\d)E", name)
+    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELi(\d)ELb(\d)ELb(\d)ELb(\d)E", name)
     if not m:
         return None
-    bf16, nt, nested, after, smem = (int(g) for g in m.groups())
-    return dict(dtype="bf16" if bf16 else "fp16", nt=nt, nested=bool(nested), scale_after=bool(after),
+    bf16, nt, rt, nested, after, smem = (int(g) for g in m.groups())
+    return dict(dtype="bf16" if bf16 else "fp16", nt=nt, rt=rt, nested=bool(nested), scale_after=bool(after),
                 smem=bool(smem))
 
 
@@ -69,6 +70,7 @@ def label(name):
         m = re.search(r"decode_generic_kernelILb(\d)E", name)
         return f"generic {'bf16' if m and m.group(1) == '1' else 'fp16'}" if m else name
     return (f"fast {'smem-table' if f['smem'] else 'prmt-table'} {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} "
+            f"{f['rt'] * 16}-row "
             f"{'nested' if f['nested'] else 'fp32-absmax'} {'scale-after' if f['scale_after'] else 'prescaled'}")
 
 

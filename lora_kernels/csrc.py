@@ -39,7 +39,7 @@ class DecodeArgs(ctypes.Structure):
         ("m", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("r", ctypes.c_int32),
         ("blocksize", ctypes.c_int32), ("blocksize2", ctypes.c_int32), ("nested", ctypes.c_int32),
         ("dtype", ctypes.c_int32), ("scaling", ctypes.c_float), ("force_generic", ctypes.c_int32),
-        ("device", ctypes.c_int32), ("table_in_registers", ctypes.c_int32),
+        ("device", ctypes.c_int32), ("table_in_registers", ctypes.c_int32), ("row_tiles", ctypes.c_int32),
     ]
 
 
@@ -166,6 +166,13 @@ def _current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _row_tiles() -> int:
+    value = os.environ.get("LORA_KERNELS_CSRC_ROW_TILES", "").strip()
+    if value not in ("", "0", "1", "2"):
+        raise ValueError(f"LORA_KERNELS_CSRC_ROW_TILES must be 1 or 2 (or unset), got {value!r}")
+    return int(value or 0)
+
+
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -179,7 +186,8 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
     (or both None); bias [N] or None; out [M, N] in x's dtype with unit inner stride (allocated if None).
     force_generic runs the exact element-wise kernel (tests). decode: the fast kernel's table, "shared"
     (256 byte -> code-pair entries in shared memory, the default) or "registers" (16 codes, PRMT);
-    default from LORA_KERNELS_CSRC_DECODE.
+    default from LORA_KERNELS_CSRC_DECODE. LORA_KERNELS_CSRC_ROW_TILES=1|2 fixes the 16-row tiles per warp at
+    M > 8 (default: chosen by N), for measuring both.
     """
     decode = decode or os.environ.get("LORA_KERNELS_CSRC_DECODE", "shared").strip().lower() or "shared"
     if decode not in ("shared", "registers"):
@@ -248,6 +256,7 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
         m=m, n=n, k=k, r=r, blocksize=q.blocksize, blocksize2=q.blocksize2 if q.nested else 0,
         nested=int(q.nested), dtype=_DTYPES[x.dtype], scaling=float(scaling), force_generic=int(force_generic),
         device=device.index if device.index is not None else 0, table_in_registers=int(decode == "registers"),
+        row_tiles=_row_tiles(),
     )
     rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(device)))
     if rc != 0:

@@ -83,6 +83,15 @@ def test_blocksizes_and_dtypes(blocksize, dtype, m):
     run_case(4096, 4096, m, dtype=dtype, blocksize=blocksize)
 
 
+@pytest.mark.parametrize("decode", ["shared", "registers"])
+@pytest.mark.parametrize("row_tiles", ["1", "2"])
+@pytest.mark.parametrize("m,blocksize", [(16, 64), (12, 128), (4, 64)])
+def test_decodes_and_row_tiles(monkeypatch, decode, row_tiles, m, blocksize):
+    monkeypatch.setenv("LORA_KERNELS_CSRC_DECODE", decode)
+    monkeypatch.setenv("LORA_KERNELS_CSRC_ROW_TILES", row_tiles)
+    run_case(8192, 4096 + 64 * (blocksize == 64), m, blocksize=blocksize)
+
+
 @pytest.mark.parametrize("n,k", [(100, 4096 + 64), (77, 320), (33, 47), (16, 200), (50, 4096 + 32)])
 def test_odd_shapes(n, k):
     """K % 128 == 64 (the masked tail), N not a multiple of 16, and shapes the generic kernel takes."""

@@ -51,7 +51,7 @@ def test_fast_or_generic(lib):
 
 def test_bad_arguments(lib):
     for bad in (dict(m=0), dict(m=17), dict(n=0), dict(k=0), dict(dtype=2), dict(x=0), dict(out=0),
-                dict(r=4), dict(nested=1, blocksize2=256), dict(n=65536, k=32768), dict(device=-1)):
+                dict(r=4), dict(nested=1, blocksize2=256), dict(n=65536, k=32768), dict(device=-1), dict(row_tiles=3)):
         assert path(lib, **bad) < 0, bad
         assert lib.lk_linear_decode_fwd(ctypes.byref(args(**bad)), None) == 1, bad
 

@@ -151,8 +151,26 @@ def test_marshalling(fake, nested):
     assert (a.bias, a.bias_stride) == (bias.data_ptr(), 2)
     assert (a.out, a.out_row) == (out.data_ptr(), n + 5)
     assert (a.m, a.n, a.k, a.r, a.blocksize) == (m, n, k, r, 128)
-    assert (a.dtype, a.scaling, a.force_generic, a.device) == (0, 0.25, 0, 0)
+    assert (a.dtype, a.scaling, a.force_generic, a.device, a.table_in_registers, a.row_tiles) == (0, 0.25, 0, 0, 0, 0)
     assert fake.fake_last_stream() == 0x5EED0
+
+
+def test_decode_and_row_tile_settings(fake, monkeypatch):
+    packed, state, _ = quantized(32, 64, nested=False)
+    q = read_quant_state(packed, state)
+    x = torch.randn(12, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv("LORA_KERNELS_CSRC_DECODE", "registers")
+    monkeypatch.setenv("LORA_KERNELS_CSRC_ROW_TILES", "1")
+    csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
+    assert (_last(fake).table_in_registers, _last(fake).row_tiles) == (1, 1)
+    csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode="shared")
+    assert _last(fake).table_in_registers == 0
+    monkeypatch.setenv("LORA_KERNELS_CSRC_ROW_TILES", "4")
+    with pytest.raises(ValueError, match="ROW_TILES"):
+        csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
+    monkeypatch.delenv("LORA_KERNELS_CSRC_ROW_TILES")
+    with pytest.raises(ValueError, match="'shared' or 'registers'"):
+        csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode="lut")
 
 
 def test_marshalling_without_lora_fp16(fake):
