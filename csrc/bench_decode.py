@@ -1,0 +1,93 @@
+"""Times the csrc decode kernel on a GPU beside the Triton fused path and dense cuBLAS bf16.
+
+    python csrc/bench_decode.py [--shapes 8192x8192,4096x14336,14336x4096,1024x4096] [--m 1,16] [--r 16]
+
+For a GPU session: needs lora_kernels/_csrc*.so (built on a CPU machine and carried over) and CUDA.
+Weights are random 4-bit data (no bitsandbytes needed). Each time is the median of CUDA-event timings
+with the L2 flushed before every run; "floor" is the packed weight + scales + activations at the
+device's datasheet bandwidth (--bw, TB/s). csrc_* columns are the kernel alone (xa given); op_csrc and
+op_triton are the whole qlora_linear call (rank kernel included) with the csrc forward and with
+LORA_KERNELS_PATH=fused. Prints one row per case; measured, never predicted.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from lora_kernels import csrc  # noqa: E402
+from lora_kernels.ops.fused_linear import qlora_linear  # noqa: E402
+from tests.test_csrc_gpu import quant_state_of, random_quant  # noqa: E402
+
+
+def timed(fn, reps=50):
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8192x8192,4096x14336,14336x4096,4096x4096,1024x4096")
+    ap.add_argument("--m", default="1,16")
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--bw", type=float, default=None, help="datasheet TB/s (default: 4.8 on H200, else 3.35)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs CUDA")
+    st = csrc.status()
+    if not st["found"]:
+        sys.exit(f"csrc library not available: {st['reason']}")
+    name = torch.cuda.get_device_name()
+    bw = args.bw or (4.8 if "H200" in name else 3.35)
+    print(f"# {name}, torch {torch.__version__}; times in us (median, L2 flushed); floor at {bw} TB/s")
+    print("n,k,m,csrc_shared,csrc_registers,csrc_rt1,op_csrc,op_triton,cublas_bf16_dense,floor,csrc_vs_floor")
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        q = random_quant(n, k)
+        state = quant_state_of(q)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xa = torch.randn(m, args.r, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(n, args.r, device="cuda", dtype=torch.bfloat16)
+            a = torch.randn(args.r, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            row = {}
+            for label, env in (("csrc_shared", {}), ("csrc_registers", {"LORA_KERNELS_CSRC_DECODE": "registers"}),
+                               ("csrc_rt1", {"LORA_KERNELS_CSRC_ROW_TILES": "1"})):
+                old = {key: os.environ.get(key) for key in env}
+                os.environ.update(env)
+                row[label] = timed(lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out))
+                for key, value in old.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+            os.environ["LORA_KERNELS_PATH"] = "csrc"
+            row["op_csrc"] = timed(lambda: qlora_linear(x, q.packed, state, a, b, 0.5))
+            os.environ["LORA_KERNELS_PATH"] = "fused"
+            row["op_triton"] = timed(lambda: qlora_linear(x, q.packed, state, a, b, 0.5))
+            os.environ.pop("LORA_KERNELS_PATH")
+            row["cublas"] = timed(lambda: torch.mm(x, w.t()))
+            nbytes = q.packed.numel() + q.absmax.numel() * q.absmax.element_size() + 2 * (m * k + m * n + n * args.r)
+            floor = nbytes / (bw * 1e12) * 1e6
+            print(f"{n},{k},{m},{row['csrc_shared']:.1f},{row['csrc_registers']:.1f},{row['csrc_rt1']:.1f},"
+                  f"{row['op_csrc']:.1f},{row['op_triton']:.1f},{row['cublas']:.1f},{floor:.1f},"
+                  f"{row['csrc_shared'] / floor:.2f}")
+
+
+if __name__ == "__main__":
+    main()
