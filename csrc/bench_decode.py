@@ -19,7 +19,29 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lora_kernels import csrc  # noqa: E402
 from lora_kernels.ops.fused_linear import qlora_linear  # noqa: E402
-from tests.test_csrc_gpu import quant_state_of, random_quant  # noqa: E402
+from lora_kernels.nf4 import Quant4bit  # noqa: E402
+
+
+def random_quant(n, k, blocksize=64):
+    """Random nested 4-bit weight (as tests/test_csrc_gpu.py makes them), on the GPU."""
+    g = torch.Generator().manual_seed(0)
+    blocks = -(-(n * k) // blocksize)
+    code = torch.sort(torch.rand(16, generator=g) * 2 - 1).values
+    return Quant4bit(packed=torch.randint(0, 256, ((n * k + 1) // 2,), generator=g, dtype=torch.uint8).cuda(),
+                     code=code.cuda(), absmax=torch.randint(0, 256, (blocks,), generator=g, dtype=torch.uint8).cuda(),
+                     blocksize=blocksize, shape=(n, k), dtype=torch.bfloat16, quant_type="nf4",
+                     code2=torch.sort(torch.rand(256, generator=g) * 2 - 1).values.cuda(),
+                     absmax2=(torch.rand(-(-blocks // 256), generator=g) * 0.05 + 0.01).cuda(),
+                     offset=torch.tensor(0.04).cuda(), blocksize2=256)
+
+
+def quant_state_of(q):
+    """The attributes of bitsandbytes' QuantState that lora_kernels reads."""
+    from types import SimpleNamespace
+
+    state2 = SimpleNamespace(code=q.code2, absmax=q.absmax2, blocksize=q.blocksize2)
+    return SimpleNamespace(quant_type="nf4", shape=torch.Size(q.shape), blocksize=q.blocksize, code=q.code,
+                           absmax=q.absmax, nested=True, state2=state2, offset=q.offset, dtype=torch.bfloat16)
 
 
 def timed(fn, reps=50):
