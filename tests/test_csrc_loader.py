@@ -121,7 +121,8 @@ def test_import_and_backends_survive_a_broken_library(use_lib, tmp_path):
 
 
 def test_struct_mirror_matches_header(fake):
-    assert csrc.status() == dict(found=True, path=os.environ["LORA_KERNELS_CSRC_LIB"], reason=None)
+    assert csrc.status() == dict(found=True, path=os.environ["LORA_KERNELS_CSRC_LIB"], reason=None,
+                                 dispatch="only with LORA_KERNELS_PATH=csrc")
     assert fake.lk_args_size() == ctypes.sizeof(csrc.DecodeArgs)
 
 
@@ -247,6 +248,9 @@ def test_fused_op_dispatches_to_the_library(fake, monkeypatch):
     monkeypatch.setattr(csrc, "unsupported_reason", lambda x, is_4bit: None if is_4bit else "dense")
     x, packed, state, a, b = _qlora_inputs()
     calls = fake.fake_calls()
+    lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
+    assert fake.fake_calls() == calls  # auto leaves the library out until a GPU run has checked it
+    monkeypatch.setattr(csrc, "AUTO_DISPATCH", True)
     lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
     assert fake.fake_calls() == calls + 1
     got = _last(fake)

@@ -252,9 +252,11 @@ _fused_linear_tuned = triton.autotune(
     configs=configs.gemm_configs(note=_note_config), key=_GEMM_KEY + ["OUT", "RED", "BASE", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_for("generic")},
 )(_fused_linear_kernel)
-# The forward's K step: the whole BLOCK_K, or one block when BLOCK_K spans several (one scale per row each).
+# The forward's K step: at most one scale block (one scale per row each); without ROW_SCALE a scale per byte
+# is live beside the decoded halves, so steps of 32 (64-wide ones spilled: tests/test_gpu_compile.py).
+UNALIGNED_SUB_K = 32
 _qlora_fwd = triton.heuristics({"SUB_K": lambda a: min(a["BLOCK_K"], 1 << a["BS_SHIFT"]) if a["ROW_SCALE"]
-                                else a["BLOCK_K"]})(_qlora_fwd_kernel)
+                                else min(a["BLOCK_K"], UNALIGNED_SUB_K)})(_qlora_fwd_kernel)
 _qlora_fwd_tuned = triton.autotune(
     configs=configs.gemm_configs(note=_note_config), key=_GEMM_KEY + ["N", "K", "HAS_BIAS", "NESTED", "ROW_SCALE"],
     prune_configs_by={"early_config_prune": configs.prune_for("qlora_fwd")},
