@@ -179,9 +179,10 @@ def cases():
                         args, flags = _gemm_args(mode, BASE_DENSE if kind == "dense" else BASE_4BIT, dt, m)
                         mma_rows = bm
                     # The autotuner's pruning, over every M bucket: a config is compiled when some M uses it.
+                    aligned = ("unaligned" not in mode) if kind.startswith("qlora") else None
                     if not any(configs.config_allowed(bm, bn, bk, w, s, m=mm, kind=kind, dtype_bytes=DTYPES[dt],
                                                       dropout=flags["DROPOUT"] if "DROPOUT" in flags else False,
-                                                      arch=arch)
+                                                      arch=arch, aligned=aligned)
                                for mm in ((1,) if m == 1 else M_BUCKETS)):
                         continue
                     add(kernel, mode, dt, _config_str(tile, w, s), arch, args, {**flags, **tile}, w, s, tc(mma_rows))
@@ -193,8 +194,8 @@ def cases():
                     tc(e["BLOCK_M"]))
             lc, cap = configs.lora_config(DTYPES[dt], arch)
             w, s = lc.pop("num_warps"), lc.pop("num_stages")
-            for r in (16, 64):  # R_BLOCK = rank_block(r, cap): 16 and the cap (64; fp32: 32)
-                rb = _rank_block(r, cap)
+            for rb in sorted({_rank_block(r, cap) for r in (16, 64)}):  # R_BLOCK: 16 and the cap (64, or less)
+                r = rb if rb < cap else 64
                 for dropout in (False, True):
                     mode = f"R_BLOCK={rb}" + (" drop" if dropout else "")
                     p, seed = (0.1, SEED) if dropout else (0.0, 0)

@@ -188,8 +188,9 @@ def test_cases_cover_every_kernel_and_config():
             for arch in gc.ARCHS:
                 drawable = {f"{bm}x{bn}x{bk} w{w} s{s}" for bm, bn, bk, w, s in cfgs.all_gemm_configs()
                             if any(cfgs.config_allowed(bm, bn, bk, w, s, m=m, kind=kind, dtype_bytes=size,
-                                                       dropout=drop, arch=arch)
-                                   for m in (1, 16, 256, 512, 8192) for drop in (False, True))}
+                                                       dropout=drop, arch=arch, aligned=aligned)
+                                   for m in (1, 16, 256, 512, 8192) for drop in (False, True)
+                                   for aligned in (True, False))}
                 seen = {c["config"] for c in CASES if c["kernel"] == kernel and c["dtype"] == dt and c["arch"] == arch}
                 assert seen == drawable, (kernel, dt, arch, drawable ^ seen)
 
@@ -205,15 +206,16 @@ def test_every_launch_keeps_a_gemm_candidate(arch):
         for dtype_bytes in (2, 4):
             for kind in configs.KINDS:
                 for dropout in ((False, True) if kind in ("dense", "4bit_odd", "qlora_dx") else (False,)):
-                    keep = [c for c in configs.all_gemm_configs()
-                            if configs.config_allowed(*c, m=m, kind=kind, dtype_bytes=dtype_bytes, dropout=dropout,
-                                                      arch=arch)]
-                    assert keep, (m, dtype_bytes, kind, dropout, arch)
-                    if m <= 16:
-                        assert all(c[0] == 16 for c in keep), keep
-                    if m > 256 and dtype_bytes == 2:
-                        mma_rows = [c[1] if kind == "qlora_fwd" else c[0] for c in keep]
-                        assert max(mma_rows) >= 64, (m, kind, dropout, arch, keep)
+                    for aligned in (True, False):
+                        keep = [c for c in configs.all_gemm_configs()
+                                if configs.config_allowed(*c, m=m, kind=kind, dtype_bytes=dtype_bytes,
+                                                          dropout=dropout, arch=arch, aligned=aligned)]
+                        assert keep, (m, dtype_bytes, kind, dropout, arch, aligned)
+                        if m <= 16:
+                            assert all(c[0] == 16 for c in keep), keep
+                        if m > 256 and dtype_bytes == 2:
+                            mma_rows = [c[1] if kind == "qlora_fwd" else c[0] for c in keep]
+                            assert max(mma_rows) >= 64, (m, kind, dropout, arch, keep)
 
 
 def test_prune_reads_the_arch_from_cuda_tensors_only():

@@ -12,6 +12,7 @@ and sm_80 on CPU, and checks that each builds, fits in shared memory, does not s
 (16-bit; fp32 must not); every (M bucket, dtype, weight kind, dropout, arch) keeps at least one candidate.
 """
 import os
+from typing import NamedTuple, Optional
 
 import triton
 
@@ -51,29 +52,52 @@ FP32_GEMM_CONFIGS = [
     (32, 32, 32, 4, 3),  # the 4-bit forward reduces over K's even and odd halves apart: BLOCK_K >= 32
 ]
 # Tiles that spill registers on one arch or Triton version only, found by tests/test_gpu_compile.py (which
-# runs under triton 3.9 and 3.6 in CI) and pruned there alone: (kind, tile, arch below which it applies or
-# None, Triton version below which it applies or None, activation bytes or None, dropout only, what was seen).
+# runs under triton 3.9 and 3.6 in CI), pruned there alone. `unaligned`: only when in_features is not a
+# multiple of the blocksize, where the 4-bit kernels keep a scale per byte live beside the decoded halves.
 TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+class SpillPrune(NamedTuple):
+    kind: str
+    tile: tuple
+    below_arch: Optional[int]  # applies on archs below this (None: every arch)
+    below_triton: Optional[tuple]  # applies on Triton versions below this (None: every version)
+    dtype_bytes: Optional[int]  # applies to this activation size only (None: any)
+    dropout_only: bool
+    unaligned: bool
+    seen: str
+
+
 SPILL_PRUNES = [
-    ("qlora_dx", (64, 128, 64, 4, 4), 90, None, None, False, "4 B, sm_80 (mma.sync, 255 registers)"),
-    ("qlora_dx", (128, 128, 64, 8, 3), 90, None, None, False, "4 B, sm_80, triton 3.9"),
-    ("qlora_fwd", (64, 128, 64, 4, 4), 90, None, None, False, "12-32 B, sm_80, triton 3.9 and 3.6"),
-    ("qlora_dx", (16, 64, 128, 4, 4), None, (3, 7), 2, True, "4-8 B with the dropout epilogue, sm_90, triton 3.6"),
-    ("4bit_odd", (64, 64, 64, 4, 4), 90, (3, 7), 2, False, "8-16 B, sm_80, triton 3.6"),
-    ("4bit_odd", (32, 64, 16, 4, 3), None, (3, 7), 4, False, "4-8 B, fp32 dx, sm_90 and sm_80, triton 3.6"),
+    SpillPrune("qlora_dx", (64, 128, 64, 4, 4), 90, None, None, False, False, "4 B, sm_80 (mma.sync, 255 registers)"),
+    SpillPrune("qlora_dx", (128, 128, 64, 8, 3), 90, None, None, False, False, "4 B, sm_80, triton 3.9"),
+    SpillPrune("qlora_fwd", (64, 128, 64, 4, 4), 90, None, None, False, False, "12-32 B, sm_80, triton 3.9 and 3.6"),
+    SpillPrune("qlora_dx", (16, 64, 128, 4, 4), None, (3, 7), 2, True, False,
+               "4-8 B with the dropout epilogue, sm_90, triton 3.6"),
+    SpillPrune("qlora_dx", (64, 64, 64, 4, 4), 90, None, 2, False, True, "12-48 B, sm_80, triton 3.9 and 3.6"),
+    SpillPrune("qlora_dx", (32, 32, 32, 4, 3), None, (3, 7), 4, False, True, "4-8 B, fp32, sm_90, triton 3.6"),
+    SpillPrune("4bit_odd", (64, 64, 64, 4, 4), 90, (3, 7), 2, False, False, "8-16 B, sm_80, triton 3.6"),
+    SpillPrune("4bit_odd", (32, 64, 16, 4, 3), None, (3, 7), 4, False, False,
+               "4-8 B, fp32 dx, sm_90 and sm_80, triton 3.6"),
 ]
-# lora_grad_a spills 4-8 B with 64-wide rank chunks on sm_80 under triton 3.6: 32-wide chunks there.
-OLD_TRITON_PRE_HOPPER_RANK_BLOCK_MAX = 32
 
 
-def spill_prune(kind, cfg, *, arch, dtype_bytes, dropout, triton_version=TRITON_VERSION):
-    """Why SPILL_PRUNES drops this tile for this launch, or None."""
-    for k, tile, below_arch, below_triton, nbytes, drop_only, why in SPILL_PRUNES:
-        if (k == kind and tile == cfg and (below_arch is None or (arch is not None and arch < below_arch))
-                and (below_triton is None or triton_version < below_triton)
-                and (nbytes is None or nbytes == dtype_bytes) and (dropout or not drop_only)):
-            return why
+def spill_prune(kind, cfg, *, arch, dtype_bytes, dropout, aligned=None, triton_version=TRITON_VERSION):
+    """What SPILL_PRUNES saw for this tile and launch (why it is pruned), or None. aligned=None (unknown)
+    counts as not aligned."""
+    for rule in SPILL_PRUNES:
+        if (rule.kind == kind and rule.tile == cfg
+                and (rule.below_arch is None or (arch is not None and arch < rule.below_arch))
+                and (rule.below_triton is None or triton_version < rule.below_triton)
+                and (rule.dtype_bytes is None or rule.dtype_bytes == dtype_bytes)
+                and (dropout or not rule.dropout_only) and (not aligned or not rule.unaligned)):
+            return rule.seen
     return None
+
+
+# lora_grad_a spills 4-8 B on sm_80 under triton 3.6 with 64-wide rank chunks, and with 32-wide ones under
+# dropout: 16-wide chunks there.
+OLD_TRITON_PRE_HOPPER_RANK_BLOCK_MAX = 16
 # The backward dropout epilogue keeps a second fp32 accumulator and Philox state per element: tiles with
 # more than this many output elements per thread spill registers there (sm_90 compile, tests/test_gpu_compile.py).
 DROPOUT_MAX_ELEMS_PER_THREAD = 32
@@ -170,12 +194,13 @@ def epilogue_config(dtype_bytes=2):
 
 
 def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, kind, dtype_bytes=2, dropout=False, arch=None,
-                   scale_block=None):
+                   scale_block=None, aligned=None):
     """Whether a GEMM tile config is a candidate for this launch (the same rules the compile test checks).
 
     arch: the GPU's compute capability as major * 10 + minor (90 for H100), None when unknown (no
     arch-specific pruning). scale_block: for dx, the blocksize when in_features is a multiple of it: tiles at
-    most that wide read one scale per row of W and step instead of one per byte (prune_for prefers them)."""
+    most that wide read one scale per row of W and step instead of one per byte (prune_for prefers them).
+    aligned: whether in_features is a multiple of the blocksize (None: unknown)."""
     cfg = (bm, bn, bk, num_warps, num_stages)
     if kind == "qlora_dx" and scale_block and bn > scale_block:
         return False
@@ -187,7 +212,7 @@ def config_allowed(bm, bn, bk, num_warps, num_stages, *, m, kind, dtype_bytes=2,
         return False
     if kind == "qlora_fwd" and bk < 32:  # the forward reduces over even and odd K apart: BLOCK_K / 2 >= 16
         return False
-    if spill_prune(kind, cfg, arch=arch, dtype_bytes=dtype_bytes, dropout=dropout) is not None:
+    if spill_prune(kind, cfg, arch=arch, dtype_bytes=dtype_bytes, dropout=dropout, aligned=aligned) is not None:
         return False
     if m <= 16:
         return bm == 16
@@ -212,17 +237,17 @@ def prune_for(kind):
         args = {**named_args, **kwargs}
         launch_kind = ("4bit_odd" if args.get("BASE") == 2 else "dense") if kind == "generic" else kind
         out = args.get("out_ptr", args.get("dx_ptr"))
-        blocksize = 1 << args["BS_SHIFT"] if kind == "qlora_dx" else 0
-        aligned = blocksize and args["K"] % blocksize == 0
+        blocksize = 1 << args["BS_SHIFT"] if kind.startswith("qlora") else 0
+        aligned = bool(blocksize) and args["K"] % blocksize == 0
 
         def allowed(c, scale_block):
             return config_allowed(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                   c.num_stages, m=args["M"], kind=launch_kind, dtype_bytes=args.get("DTYPE_BYTES", 2),
                                   dropout=bool(args.get("DROPOUT", False)), arch=device_arch(out),
-                                  scale_block=scale_block)
+                                  scale_block=scale_block, aligned=aligned if blocksize else None)
 
-        keep = [c for c in configs if allowed(c, blocksize if aligned else None)]
-        if not keep and aligned:  # no tile fits in a block (blocksize 32): per-byte scales then
+        keep = [c for c in configs if allowed(c, blocksize if aligned and kind == "qlora_dx" else None)]
+        if not keep and aligned:  # no dx tile fits in a block (blocksize 32): per-byte scales then
             keep = [c for c in configs if allowed(c, None)]
         if not keep:
             raise RuntimeError(f"no GEMM config fits this {launch_kind} launch (M={args['M']}); configs.py needs one")
