@@ -861,11 +861,21 @@ def scale_bytes(c: LoopCount) -> int:
 
 
 def lora_down_time(counts, m, k, r, dev):
+    """The down-projection as launch_lora_down runs it: K split over programs when the (M, r) tiles are few,
+    then the fp32 partial sums added (a stream over them)."""
+    from lora_kernels.ops.fused_linear_kernels import LORA_DOWN_MIN_PROGRAMS
+
     c = counts[lora_down_case(r)]
-    bm, _, bk = c.block[0], 0, c.block[2] or 64
-    ctas = math.ceil(m / (bm or 64)) * math.ceil(r / 16)
-    return loop_kernel_time("lora_down", c, dev, ctas=ctas, iters=math.ceil(k / (bk or 64)),
-                            hbm_bytes=2 * (m * k + r * k + m * r))
+    bm, bk = c.block[0] or 64, c.block[2] or 64
+    programs = math.ceil(m / bm) * math.ceil(r / 16)
+    split = min(math.ceil(k / bk), max(1, LORA_DOWN_MIN_PROGRAMS // programs))
+    k_per = math.ceil(math.ceil(k / split) / bk) * bk
+    split = math.ceil(k / k_per)
+    t = loop_kernel_time("lora_down", c, dev, ctas=programs * split, iters=math.ceil(k_per / bk),
+                         hbm_bytes=2 * (m * k + r * k) + (4 * split if split > 1 else 2) * m * r)
+    if split > 1:
+        return [t, stream_time("lora_down split-K sum", dev, 4 * split * m * r + 2 * m * r)]
+    return [t]
 
 
 def host_scales(n, k, dev):
@@ -891,8 +901,8 @@ def predict(counts, bench, n, k, m, r, dev, path_min_m=None):
     down = lora_down_time(counts, m, k, r, dev)
     scales = host_scales(n, k, dev)
     fwd_fused, cfg_f = best_gemm(counts, "4bit", "fwd", m, n, k, r, dev)
-    fused = [down, fwd_fused] if nested_in_kernel(cfg_f) else [scales, down, fwd_fused]
-    deq = [down, scales, dequant_time(n, k, dev), cublas_time("cuBLAS x W^T", dev, m, n, k),
+    fused = [*down, fwd_fused] if nested_in_kernel(cfg_f) else [scales, *down, fwd_fused]
+    deq = [*down, scales, dequant_time(n, k, dev), cublas_time("cuBLAS x W^T", dev, m, n, k),
            epilogue_time(m, n, r, dev)]
     dense_fwd, cfg_d = best_gemm(counts, "dense", "fwd", m, n, k, 0, dev)
     triton_dense = [dense_fwd]

@@ -121,9 +121,12 @@ EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps
 FP32_EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
 SHARED_MEMORY_LIMIT = 227 * 1024  # H100 per-block opt-in maximum
 
-# Where "dequantize into a buffer + cuBLAS + LoRA epilogue" takes over from the one-pass kernel.
-# Not yet measured on a GPU: a placeholder until the benchmark sweep sets it (issue #4).
-DEQUANT_PATH_MIN_M = 2048
+# Where "dequantize into a buffer + cuBLAS + LoRA epilogue" takes over from the one-pass kernel. The static
+# sm_90 model's figure (predicted, not measured: python -m benchmarks.static_model --m 256,512,...): the
+# crossover falls between M = 256 and 512 on the Llama-3-8B projections and 8192x8192 (at 512 the dequant
+# path is predicted 0.98-1.3x faster). A GPU sweep (the bench's lora_kernels_fused / _dequant providers)
+# replaces it once measured.
+DEQUANT_PATH_MIN_M = 512
 
 
 def m_bucket(m: int) -> int:
