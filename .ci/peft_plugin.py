@@ -17,6 +17,7 @@ prints the counts and exits 1 when a test passed stock and failed patched, or wh
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -89,17 +90,46 @@ def pytest_configure(config):
         _install_patch()
 
 
+# Source text of a test (or of a fixture it uses) that reaches the hub: PEFT's hub_online_once lets the first access
+# go online whatever HF_HUB_OFFLINE says, and huggingface_hub then retries with back-off for ~20 s per request.
+_HUB_SOURCE = re.compile(r"hub_online_once|from_pretrained\(\s*[\"'][\w.-]+/[\w.-]+[\"']|[\"'](hf|peft|trl)-internal-testing/")
+_HUB_ID = re.compile(r"(hf|peft|trl)-internal-testing/|[\w-]+/tiny-")
+
+
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _uses_hub(item) -> bool:
+    if _HUB_ID.search(item.nodeid):
+        return True
+    funcs = [getattr(item, "function", None)]
+    for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
+        funcs.extend(d.func for d in defs)
+    return any(f is not None and _HUB_SOURCE.search(_source(f)) for f in funcs)
+
+
 def pytest_collection_modifyitems(session, config, items):
+    """Keeps the tests LK_PEFT_SELECT matches and, of those, the ones that do not reach the hub."""
     pattern = os.environ.get("LK_PEFT_SELECT")
-    if not pattern:
-        return
-    regex = re.compile(pattern)
-    keep, drop = [], []
+    regex = re.compile(pattern) if pattern else None
+    keep, drop, hub = [], [], 0
     for item in items:
-        (keep if regex.search(item.nodeid) else drop).append(item)
+        if regex is not None and not regex.search(item.nodeid):
+            drop.append(item)
+        elif os.environ.get("HF_HUB_OFFLINE") == "1" and _uses_hub(item):
+            drop.append(item)
+            hub += 1
+        else:
+            keep.append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    if hub:
+        print(f"\nlk: left out {hub} selected test(s) that reach the Hugging Face hub")
 
 
 def pytest_runtest_setup(item):

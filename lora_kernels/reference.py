@@ -140,7 +140,8 @@ def cpu_mask_kind() -> str:
     return "philox" if backend_setting() == "reference" else "torch"
 
 
-def apply_dropout(x2d: torch.Tensor, p: float, seed: Optional[int], keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+def apply_dropout(x2d: torch.Tensor, p: float, seed: Optional[int],
+                  keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """drop(x) with the Philox mask of `seed`, or with `keep` when given (a mask computed once for several uses)."""
     if p == 0.0 or seed is None:
         return x2d

@@ -41,7 +41,8 @@ def test_cpu_decode_other_table_and_storage():
     assert reference._bnb_quant_type(q) == "nf4"
     assert torch.equal(reference.dequantize_4bit_cpu(q, torch.bfloat16),
                        reference.dequantize_4bit_ref(q, torch.bfloat16))
-    other = dataclasses.replace(q, code=q.code.flip(0).contiguous())  # a table bitsandbytes' kernels do not hard-code: ours decodes it
+    # a table bitsandbytes' kernels do not hard-code: ours decodes it
+    other = dataclasses.replace(q, code=q.code.flip(0).contiguous())
     assert reference._bnb_quant_type(other) is None
     assert torch.equal(reference.dequantize_4bit_cpu(other, torch.bfloat16),
                        reference.dequantize_4bit_ref(other, torch.bfloat16))

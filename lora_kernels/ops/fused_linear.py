@@ -236,7 +236,8 @@ def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: 
         else:
             w = _dense_weight(weight, qmeta, qints, dy.dtype)
             dx, d_a, d_b = reference.lora_linear_bwd_ref(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed_value,
-                                                         need_dx=need_dx, need_lora=need_lora, mask=reference.cpu_mask_kind())
+                                                         need_dx=need_dx, need_lora=need_lora,
+                                                         mask=reference.cpu_mask_kind())
         # Custom-op outputs may not alias each other: a fresh empty tensor for each missing gradient.
         return tuple(g if g is not None else x.new_empty((0,)) for g in (dx, d_a, d_b))
 
