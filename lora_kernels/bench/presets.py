@@ -3,7 +3,8 @@
 Presets (`--preset`; the default is `quick` on a GPU and `smoke` on CPU):
   quick  the targets' shapes (4096x4096, 8192x8192), M in {1, 16, 512, 4096, 8192}, r in {0, 16, 64},
          both layer modes, and train_step (4 Llama-3-8B layers, seq 2048, r in {8, 16, 64}).
-         Sized to finish within about 10 minutes on one H100, compile and autotuning included;
+         Sized to finish within about 10 minutes on one H100 (an estimate, not yet timed on a GPU),
+         compile and autotuning included;
          no new case starts after 480 s (--time-limit).
   full   the DESIGN.md sweep: Llama-3-8B projections + 8192x8192, M in {1, 16, 512, 4096, 8192},
          r in {0, 4, 8, 16, 32, 64, 128}, both layer modes, train_step. Longer: split it by shape.
