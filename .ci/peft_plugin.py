@@ -84,8 +84,28 @@ def _install_patch():
     lk.patch_peft_model = patch_and_note
 
 
+class _NoBackoffTime:
+    """`time` for huggingface_hub's HTTP module without its retry back-off: offline, every retry fails the same."""
+
+    def __getattr__(self, name):
+        import time
+
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds):
+        return None
+
+
 def pytest_configure(config):
     config._lk_results = {}
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        try:
+            from huggingface_hub.utils import _http
+        except ImportError:
+            pass
+        else:
+            _http.time = _NoBackoffTime()
     if _mode() == "patched":
         _install_patch()
 
