@@ -41,7 +41,7 @@ def test_layer_sweep_writes_schema_rows_table_and_png(tmp_path, capsys):
     assert len(rows) == 14
     got = {(r["bench"], r["provider"], r["r"]) for r in rows}
     for bench in ("layer_fwd", "layer_fwd_bwd"):
-        for provider in ("lora_kernels[reference]", "peft_bnb", "dequant_cublas"):
+        for provider in ("lora_kernels[patched]", "peft_bnb", "dequant_cublas"):
             assert {(bench, provider, "0"), (bench, provider, "8")} <= got
         assert (bench, "cublas_bf16", "0") in got and (bench, "cublas_bf16", "8") not in got
     for r in rows:
@@ -73,7 +73,7 @@ def test_train_step_rows_and_table(tmp_path, capsys):
                           "--train-steps", "2", "--train-warmup", "1", "--csv", str(out_csv))
     assert rc == 0, err
     rows = results.read_csv(str(out_csv))
-    assert [r["provider"] for r in rows] == ["peft_bnb", "lora_kernels[reference]", "peft_bf16"]
+    assert [r["provider"] for r in rows] == ["peft_bnb", "lora_kernels[patched]", "peft_bf16"]
     for r in rows:
         assert (r["bench"], r["m"], r["n"], r["k"], r["r"]) == ("train_step", 16, 128, 1, 4)
         assert r["ms_p50"] > 0
@@ -306,3 +306,18 @@ def test_commit_stamp(monkeypatch):
     monkeypatch.delenv("LORA_KERNELS_COMMIT")
     commit = results.git_commit()
     assert commit.startswith("v") or len(commit.split("+")[0]) == 12
+
+
+def test_cpu_rows_measure_what_a_cpu_user_gets(tmp_path, capsys, monkeypatch):
+    """On CPU the lora_kernels rows are the patched PEFT layer (PEFT's forward there by default); with
+    LORA_KERNELS_PATCH_CPU=op they are the op's PyTorch path, labelled so."""
+    argv = ["--mode", "layer_fwd", "--shapes", "64x128", "--m", "2", "--ranks", "8", "--providers", "lora_kernels",
+            "--reps", "1"]
+    labels = []
+    for setting in (None, "op"):
+        if setting:
+            monkeypatch.setenv("LORA_KERNELS_PATCH_CPU", setting)
+        out_csv = tmp_path / f"{setting}.csv"
+        assert _bench(capsys, *argv, "--csv", str(out_csv))[0] == 0
+        labels.append(results.read_csv(str(out_csv))[0]["provider"])
+    assert labels == ["lora_kernels[patched]", "lora_kernels[reference]"]

@@ -253,9 +253,8 @@ def run(args) -> int:
     for line in loss_parity_lines(res.train_losses, step_ratios(res.rows), interleaved=not spec.on_cuda):
         print(line)
     if res.train_losses and not spec.on_cuda:
-        print("train_step on CPU: the lora_kernels variants run the op's PyTorch path (LORA_KERNELS_PATCH_CPU=op); "
-              "by default patch_peft_model leaves CPU layers on PEFT's forward, so a patched model trains at stock "
-              "speed there")
+        print("train_step on CPU: the patched variants run as a user's would, PEFT's forward by default "
+              "(lora_kernels[patched]); LORA_KERNELS_PATCH_CPU=op measures the op's PyTorch path instead")
     if res.skipped:
         print(f"{len(res.skipped)} case(s) skipped; reasons printed above")
     if not spec.on_cuda:

@@ -4,7 +4,9 @@ Every provider builds its own weights from the same seed (the same W, quantized 
 A and B), so that only its own tensors are alive while it is measured (peak memory means something), and
 returns a `Case`: a no-argument callable plus the tensors whose .grad is reset between runs.
 
-    lora_kernels     lk.qlora_linear on the packed NF4 weight; r=0 passes lora_A=lora_B=None
+    lora_kernels     lk.qlora_linear on the packed NF4 weight; r=0 passes lora_A=lora_B=None. On CPU by default
+                     (lora_kernels[patched]): the peft_bnb layer patched by patch_peft_model, which runs PEFT's
+                     forward there, i.e. what a CPU user gets; LORA_KERNELS_PATCH_CPU=op measures the op instead
     peft_bnb         stock PEFT LoRA layer (peft.tuners.lora.bnb.Linear4bit) on bitsandbytes' Linear4bit,
                      built by get_peft_model as a user's model would be; r=0: the bare Linear4bit
     dequant_cublas   bnb.functional.dequantize_4bit -> torch.matmul (x W^T) -> torch.addmm(y, x A^T, B^T, alpha=s)
@@ -118,6 +120,16 @@ def linear4bit_from_packed(packed, state, k, n, compute_dtype):
     return layer
 
 
+def cpu_patch_default(device) -> bool:
+    """Whether a patched PEFT layer on this device runs PEFT's own forward (CPU, LORA_KERNELS_BACKEND=auto,
+    LORA_KERNELS_PATCH_CPU unset: patch.py's default there). The CPU rows then measure that, as a user gets it."""
+    import torch
+
+    from ..patch import _cpu_default
+
+    return torch.device(device).type == "cpu" and _cpu_default(torch.empty(0))
+
+
 def lora_kernels_label(device) -> str:
     """What lk.qlora_linear runs on this device: 'lora_kernels' (Triton on CUDA), or with a note."""
     import torch
@@ -181,7 +193,7 @@ def _adapters(n, k, r, device, dtype, train):
     return a, b, [a, b]
 
 
-def _lora_kernels(*, n, k, r, device, dtype, scaling, train, x, path=None, **_):
+def _lora_kernels(*, n, k, r, device, dtype, scaling, alpha, train, x, path=None, **_):
     import lora_kernels as lk
 
     label = lora_kernels_label(device)
@@ -192,6 +204,15 @@ def _lora_kernels(*, n, k, r, device, dtype, scaling, train, x, path=None, **_):
                        "the same thing as lora_kernels")
         env = {"LORA_KERNELS_PATH": path}
         label = f"lora_kernels_{path}"
+    if path is None and cpu_patch_default(device):
+        # What a CPU user gets: the PEFT layer, patched, which runs PEFT's forward there by default.
+        layer, params, model = _peft_layer(n=n, k=k, r=r, device=device, dtype=dtype, alpha=alpha, train=train)
+        if model is not None:
+            lk.patch_peft_model(model)
+
+        def patched():
+            return layer(x)
+        return Case(fn=patched, label="lora_kernels[patched]", grad_to_none=params, env=env)
     packed, state = quantize_nf4(make_weight(n, k, device, dtype))
     a, b, params = _adapters(n, k, r, device, dtype, train)
 
@@ -201,10 +222,21 @@ def _lora_kernels(*, n, k, r, device, dtype, scaling, train, x, path=None, **_):
 
 
 def _peft_bnb(*, n, k, r, device, dtype, alpha, train, x, **_):
+    layer, params, _ = _peft_layer(n=n, k=k, r=r, device=device, dtype=dtype, alpha=alpha, train=train)
+
+    def fn():
+        return layer(x)
+    return Case(fn=fn, label="peft_bnb", grad_to_none=params)
+
+
+def _peft_layer(*, n, k, r, device, dtype, alpha, train):
+    """(layer, trainable params, PEFT model or None) of the stock PEFT Linear4bit layer at rank r (r = 0: the
+    bare bitsandbytes layer)."""
     from torch import nn
 
     packed, state = quantize_nf4(make_weight(n, k, device, dtype))
     base = linear4bit_from_packed(packed, state, k, n, dtype)
+    peft_model = None
     if r == 0:
         layer, params = base, []
     else:
@@ -237,10 +269,7 @@ def _peft_bnb(*, n, k, r, device, dtype, alpha, train, x, **_):
         for p in params:
             p.requires_grad_(train)
     layer.train(train)
-
-    def fn():
-        return layer(x)
-    return Case(fn=fn, label="peft_bnb", grad_to_none=params)
+    return layer, params, peft_model
 
 
 def _dequant_cublas(*, n, k, r, device, dtype, scaling, train, x, **_):

@@ -16,9 +16,10 @@ from . import results
 from .presets import LAYER_MODES, BenchSpec
 from .providers import Skip
 
-CPU_NOTE = ("CPU run: the lora_kernels rows are the pure-PyTorch reference, not the Triton kernels, and the "
-            "baselines are PyTorch/bitsandbytes CPU code, not cuBLAS. These figures check the harness; they "
-            "are not kernel figures. Run on a CUDA GPU for those.")
+CPU_NOTE = ("CPU run: the lora_kernels rows are what a CPU user gets, not the Triton kernels: lora_kernels[patched] "
+            "is the patched PEFT layer, which runs PEFT's forward on CPU by default (LORA_KERNELS_PATCH_CPU=op: "
+            "the op's PyTorch reference, lora_kernels[reference]); the baselines are PyTorch/bitsandbytes CPU code, "
+            "not cuBLAS. These figures are not kernel figures. Run on a CUDA GPU for those.")
 
 
 @dataclass

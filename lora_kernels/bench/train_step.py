@@ -21,8 +21,6 @@ from the same weights and data, so the patched variants' losses, step by step, m
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 
 from .presets import TRAIN_MODELS
@@ -98,7 +96,10 @@ def build(spec, provider, r, log=print):
         if report.skipped or report.fallbacks:
             log(f"train_step {provider} r={r}: {len(report.skipped)} layers skipped, "
                 f"{len(report.fallbacks)} falling back: {report}")
-        label = lora_kernels_label(device).replace("lora_kernels", provider, 1)
+        from .providers import cpu_patch_default
+
+        note = "lora_kernels[patched]" if cpu_patch_default(device) else lora_kernels_label(device)
+        label = note.replace("lora_kernels", provider, 1)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
@@ -108,42 +109,17 @@ def build(spec, provider, r, log=print):
     ids = torch.randint(0, config.vocab_size, (spec.batch_size, spec.seq_len), generator=gen).to(device)
 
     losses = []  # every step's loss, kept on the device: the loss-parity check reads them after timing
-    # On CPU, patch_peft_model leaves layers on PEFT's forward by default: the patched variants ask for the op (its
-    # PyTorch path) so that their rows measure what their label says.
-    force = provider.startswith("lora_kernels") and not str(device).startswith("cuda") and _backend_is_auto()
+    # On CPU the patched variants run as a user's would: PEFT's forward by default (lora_kernels[patched]),
+    # the op's PyTorch path with LORA_KERNELS_PATCH_CPU=op or LORA_KERNELS_BACKEND=reference.
 
     def step():
-        with _op_on_cpu(force):
-            optimizer.zero_grad(set_to_none=True)
-            out = peft_model(input_ids=ids, labels=ids, use_cache=False)
-            out.loss.backward()
-            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out = peft_model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        optimizer.step()
         losses.append(out.loss.detach())
 
     return step, label, spec.batch_size * spec.seq_len, (peft_model, optimizer, ids, losses)
-
-
-def _backend_is_auto():
-    from ..backend import backend_setting
-
-    return backend_setting() == "auto"
-
-
-@contextlib.contextmanager
-def _op_on_cpu(on):
-    """LORA_KERNELS_PATCH_CPU=op for the duration of a step: patched layers on CPU run the op."""
-    if not on:
-        yield
-        return
-    saved = os.environ.get("LORA_KERNELS_PATCH_CPU")
-    os.environ["LORA_KERNELS_PATCH_CPU"] = "op"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["LORA_KERNELS_PATCH_CPU"]
-        else:
-            os.environ["LORA_KERNELS_PATCH_CPU"] = saved
 
 
 # patched variant -> the stock variant it replaces
