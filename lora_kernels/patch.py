@@ -28,6 +28,7 @@ or `report.fallbacks` (patched layers that fall back in their current state), an
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -277,12 +278,15 @@ def _cpu_default(x):
     512-token step of a hidden-256 Llama: 0.91x at dropout 0, 0.99x at 0.05) the margin is small.
     LORA_KERNELS_PATCH_CPU=op runs the op on CPU (its PyTorch path), as does LORA_KERNELS_BACKEND=reference (with
     the kernels' Philox dropout mask: slower, what the tests compare with)."""
-    return x.device.type == "cpu" and _backend_setting() == "auto" and _patch_cpu_setting() == "peft"
+    if not x.is_cpu:
+        return False
+    env = os.environ
+    if "LORA_KERNELS_BACKEND" not in env and "LORA_KERNELS_PATCH_CPU" not in env:
+        return True  # both defaults: no parsing on this per-call path (it cost ~3 us of a ~50 us CPU call)
+    return _backend_setting() == "auto" and _patch_cpu_setting() == "peft"
 
 
 def _patch_cpu_setting():
-    import os
-
     value = os.environ.get("LORA_KERNELS_PATCH_CPU", "peft").strip().lower() or "peft"
     if value not in ("peft", "op"):
         raise ValueError(f"LORA_KERNELS_PATCH_CPU={value!r} is not 'peft' (default: patched layers on CPU run PEFT's "
