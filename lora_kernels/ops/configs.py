@@ -239,14 +239,14 @@ def prune_for(kind):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         launch_kind = ("4bit_odd" if args.get("BASE") == 2 else "dense") if kind == "generic" else kind
-        out = args.get("out_ptr", args.get("dx_ptr"))
+        arch = device_arch(args.get("out_ptr", args.get("dx_ptr")))
         blocksize = 1 << args["BS_SHIFT"] if kind.startswith("qlora") else 0
         aligned = bool(blocksize) and args["K"] % blocksize == 0
 
         def allowed(c, scale_block):
             return config_allowed(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                   c.num_stages, m=args["M"], kind=launch_kind, dtype_bytes=args.get("DTYPE_BYTES", 2),
-                                  dropout=bool(args.get("DROPOUT", False)), arch=device_arch(out),
+                                  dropout=bool(args.get("DROPOUT", False)), arch=arch,
                                   scale_block=scale_block, aligned=aligned if blocksize else None)
 
         keep = [c for c in configs if allowed(c, blocksize if aligned and kind == "qlora_dx" else None)]

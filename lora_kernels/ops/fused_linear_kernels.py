@@ -420,10 +420,14 @@ def _weight_args(q):
 
 
 def _pair_view(x):
-    """16-bit x as int32 [M, K/2] (one element per K pair) when its layout allows, else None."""
-    if x.element_size() != 2 or x.stride(1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:
+    """16-bit x as int32 [M, K/2] (one element per K pair), through a contiguous copy when x's layout does not
+    allow the view; None for other dtypes, or a view whose copy is still misaligned (then x is read strided)."""
+    if x.element_size() != 2:
         return None
-    return x.view(torch.int32)
+    for t in (x, x.contiguous()):
+        if t.stride(1) == 1 and t.stride(0) % 2 == 0 and t.storage_offset() % 2 == 0:
+            return t.view(torch.int32)
+    return None
 
 
 def launch_qlora_fwd(x, q, out, *, xa=None, b=None, bias=None, scaling=1.0, config=None):
@@ -432,11 +436,7 @@ def launch_qlora_fwd(x, q, out, *, xa=None, b=None, bias=None, scaling=1.0, conf
     n = q.shape[0]
     if bias is not None:
         bias = bias.contiguous()
-    pairs = None
-    if x.element_size() == 2:
-        pairs = _pair_view(x)
-        if pairs is None:
-            pairs = _pair_view(x.contiguous())
+    pairs = _pair_view(x)
     has_lora = xa is not None
     r = xa.shape[1] if has_lora else 0
     ptrs, wflags = _weight_args(q)
@@ -452,6 +452,8 @@ def launch_qlora_fwd(x, q, out, *, xa=None, b=None, bias=None, scaling=1.0, conf
                  **wflags)
     _launch_gemm(_qlora_fwd, _qlora_fwd_tuned, _grid(m, n), args, flags, config)
     return out
+
+
 def launch_qlora_dx(dy, q, dx, *, dxa=None, a=None, scaling=1.0, dropout_p=0.0, seed=0, config=None):
     """dx [M, K] = dy @ W + scaling * drop'(dxa @ a) for a 4-bit W of even in_features."""
     m, n = dy.shape
