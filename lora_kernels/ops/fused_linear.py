@@ -126,7 +126,8 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
     lora = dict(left=xa, right=b, right_strides=(b.stride(1), b.stride(0)) if b is not None else None,
                 bias=bias, scaling=scaling)
     from .. import csrc  # M <= 16 on CUDA: the csrc/ library's kernel, when built (LORA_KERNELS_PATH=csrc forces it)
-    if csrc.wanted_for_forward(x, _is_4bit(qints), configs.choose_path(m)):
+    path = configs.choose_path(m)
+    if csrc.wanted_for_forward(x, _is_4bit(qints), path):
         return csrc.linear_decode_fwd(x, _quant_from_parts(weight, qmeta, qints), xa, b, bias, scaling, out=out), xa
 
     def fused():
@@ -139,7 +140,7 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
         else:
             launch_fused_linear(x, weight, (weight.stride(1), weight.stride(0)), BASE_DENSE, out, **lora)
 
-    if configs.choose_path(m) == "dequant" or not _fused_or_fallback("forward", x, n, k, fused):
+    if path == "dequant" or not _fused_or_fallback("forward", x, n, k, fused):
         torch.mm(x, _dense_weight(weight, qmeta, qints, x.dtype).t(), out=out)
         if xa is not None or bias is not None:
             launch_fused_linear(x, None, (0, 0), BASE_NONE, out, acc_in=True, **lora)
