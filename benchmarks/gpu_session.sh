@@ -16,8 +16,15 @@ export LORA_KERNELS_COMMIT=${LORA_KERNELS_COMMIT:-$(git rev-parse --short=12 HEA
   python3 -c "import torch, triton, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'bnb', b.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-timeout "${TEST_S:-150}" python3 -m pytest -q -rs tests/test_gpu.py > "$OUT/gpu-tests.log" 2>&1
-echo "gpu tests: exit $?"; tail -n 15 "$OUT/gpu-tests.log"
+timeout "${TEST_S:-150}" python3 -m pytest -q -rs --durations=15 -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.log" 2>&1
+echo "gpu tests: exit $?"; tail -n 25 "$OUT/gpu-tests.log"
+# csrc/ (only when lora_kernels/_csrc*.so was built on the CPU machine and carried): tests, then timings
+if ls lora_kernels/_csrc*.so >/dev/null 2>&1; then
+  timeout "${CSRC_TEST_S:-60}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_csrc_gpu.py > "$OUT/csrc-tests.log" 2>&1
+  echo "csrc tests: exit $?"; tail -n 15 "$OUT/csrc-tests.log"
+  timeout "${CSRC_BENCH_S:-90}" python3 csrc/bench_decode.py > "$OUT/csrc-decode.txt" 2>&1
+  echo "csrc bench: exit $?"; cat "$OUT/csrc-decode.txt"
+fi
 timeout "${BENCH_S:-420}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-420} - 60 )) \
   --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 echo "bench: exit $?"; tail -c 6000 "$OUT/bench.log"
