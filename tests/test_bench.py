@@ -321,3 +321,25 @@ def test_cpu_rows_measure_what_a_cpu_user_gets(tmp_path, capsys, monkeypatch):
         assert _bench(capsys, *argv, "--csv", str(out_csv))[0] == 0
         labels.append(results.read_csv(str(out_csv))[0]["provider"])
     assert labels == ["lora_kernels[patched]", "lora_kernels[reference]"]
+
+
+@pytest.mark.parametrize("device,index", [("cuda", None), ("cuda:1", 1)])
+def test_cuda_bench_sets_the_device_only_when_indexed(monkeypatch, device, index):
+    """torch 2.11 refuses torch.cuda.set_device("cuda") (no index): the first GPU run of the bench died on it."""
+    import torch
+
+    from lora_kernels.bench import presets, runner
+
+    calls = []
+
+    def set_device(dev):
+        if torch.device(dev).index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+        calls.append(torch.device(dev).index)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(runner, "_run", lambda *a: "ran")
+    monkeypatch.setattr(presets.BenchSpec, "validate", lambda self: None)
+    assert runner.run_bench(presets.BenchSpec(device=device), progress=False) == "ran"
+    assert calls == ([] if index is None else [index])

@@ -130,6 +130,65 @@ def _measure_layer(task, spec, inputs):
     return case.label, t
 
 
+# Interleaved CPU layer timing: sub-millisecond calls need many rounds for a stable median on a shared machine.
+LAYER_GROUP_MIN_S = 0.3
+LAYER_GROUP_MAX_ROUNDS = 200
+
+
+def _measure_layer_group(tasks, spec, inputs):
+    """CPU: the providers of one (mode, shape, M, r) built first, then their calls interleaved (one warm-up call
+    each, then rounds of one timed call per provider, in alternating order, for at least `cpu_reps` rounds and
+    LAYER_GROUP_MIN_S seconds), so that a busy machine slows them all alike and their ratios mean something.
+    {id(task): (label, Timing) or the exception}."""
+    from .providers import build_case
+    from .timing import Timing, _clear_grads, quantiles
+
+    cases, out = {}, {}
+    for task in tasks:
+        x, dy = inputs.get(task)
+        try:
+            cases[id(task)] = build_case(task.provider, task.mode, task.n, task.k, task.m, task.r, x=x, dy=dy,
+                                         device=spec.device, dtype=spec.dtype, alpha=spec.alpha)
+        except Exception as exc:  # noqa: BLE001 - reported per task by the caller
+            out[id(task)] = exc
+    times = {k: [] for k in cases}
+
+    def call(k, timed):
+        case = cases[k]
+        with case.environment():
+            _clear_grads(case.grad_to_none)
+            t0 = time.perf_counter()
+            case.fn()
+            if timed:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+
+    for k in list(cases):
+        try:
+            call(k, timed=False)
+        except Exception as exc:  # noqa: BLE001 - this provider is reported; the others still run
+            out[k] = exc
+            del cases[k]
+    keys = list(cases)
+    start, i = time.perf_counter(), 0
+    while keys and (i < spec.cpu_reps or (time.perf_counter() - start < LAYER_GROUP_MIN_S
+                                          and i < LAYER_GROUP_MAX_ROUNDS)):
+        order = keys if i % 2 == 0 else keys[::-1]
+        i += 1
+        for k in order:
+            if k in out:
+                continue
+            try:
+                call(k, timed=True)
+            except Exception as exc:  # noqa: BLE001
+                out[k] = exc
+    for k in keys:
+        if k not in out:
+            _clear_grads(cases[k].grad_to_none)
+            out[k] = (cases[k].label, Timing(*quantiles(times[k]), None, len(times[k])))
+    cases.clear()
+    return out
+
+
 def _measure_train(task, spec, log):
     from . import train_step
     from .timing import time_steps
@@ -199,7 +258,9 @@ def run_bench(spec: BenchSpec, *, csv_path=None, progress=True, log=print) -> Be
     if spec.on_cuda:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
-        torch.cuda.set_device(torch.device(spec.device))
+        dev = torch.device(spec.device)
+        if dev.index is not None:  # torch 2.11 refuses set_device("cuda") without an index
+            torch.cuda.set_device(dev)
     threads = torch.get_num_threads()
     if not spec.on_cuda:
         # One thread: a CPU run checks the harness, and oversubscribed OpenMP threads on a busy machine make small
@@ -233,6 +294,7 @@ def _run(spec, csv_path, progress, log):
     say = (lambda msg: tqdm.write(msg)) if progress else log
     left = []
     group = {}  # CPU train_step: results of the interleaved variants of one r, taken task by task
+    layer_group = {}  # CPU layer benches: results of the interleaved providers of one (mode, shape, M, r)
     try:
         for i, task in enumerate(bar):
             if spec.time_limit_s is not None and time.perf_counter() - t0 > spec.time_limit_s:
@@ -255,6 +317,15 @@ def _run(spec, csv_path, progress, log):
                         label, t, res.train_losses[(task.provider, task.r)] = got
                     elif task.mode == "train_step":
                         label, t, res.train_losses[(task.provider, task.r)] = _measure_train(task, spec, say)
+                    elif not spec.on_cuda:
+                        if id(task) not in layer_group:
+                            key = (task.mode, task.n, task.k, task.m, task.r)
+                            layer_group = _measure_layer_group(
+                                [t for t in tasks if (t.mode, t.n, t.k, t.m, t.r) == key], spec, inputs)
+                        got = layer_group.pop(id(task))
+                        if isinstance(got, BaseException):
+                            raise got
+                        label, t = got
                     else:
                         label, t = _measure_layer(task, spec, inputs)
             except Skip as exc:
