@@ -66,3 +66,14 @@ def backend(request, monkeypatch):
     """Runs a test once per backend; 'triton' means the interpreter on a CPU machine."""
     monkeypatch.setenv("LORA_KERNELS_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_routes_small_m_to_fused(monkeypatch):
+    """On a GPU the auto path decodes to a buffer at every M (configs.DEQUANT_PATH_MIN_M, measured). Under the
+    interpreter the tests keep the earlier crossover (512), so that the auto path still runs the fused 4-bit
+    kernels at small M and every test that goes through it checks them."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from lora_kernels.ops import configs
+
+        monkeypatch.setattr(configs, "DEQUANT_PATH_MIN_M", 512)

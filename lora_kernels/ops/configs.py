@@ -122,11 +122,12 @@ FP32_EPILOGUE_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_w
 SHARED_MEMORY_LIMIT = 227 * 1024  # H100 per-block opt-in maximum
 
 # Where "dequantize into a buffer + cuBLAS + LoRA epilogue" takes over from the one-pass kernel. The static
-# sm_90 model's figure (predicted, not measured: python -m benchmarks.static_model --m 256,512,...): the
-# crossover falls between M = 256 and 512 on the Llama-3-8B projections and 8192x8192 (at 512 the dequant
-# path is predicted 0.98-1.3x faster). A GPU sweep (the bench's lora_kernels_fused / _dequant providers)
-# replaces it once measured.
-DEQUANT_PATH_MIN_M = 512
+# Measured on an H200 (triton 3.6, torch 2.11; benchmarks/results/h200-probe-2026-11-29.md): the fused 4-bit
+# forward kernel took 707 us at 8192x8192 M=1 and 23.2 ms at M=4096, against 223 us and 956 us for dequantize +
+# cuBLAS (its pipeliner stages the per-element code-table gather through cp.async and shared memory). So the
+# auto path decodes to a buffer at every M until the fused decode is rebuilt; LORA_KERNELS_PATH=fused forces
+# the fused kernels. (The static model had predicted a crossover at M = 256-512; its SASS reading missed this.)
+DEQUANT_PATH_MIN_M = 1
 
 
 def m_bucket(m: int) -> int:
