@@ -96,7 +96,8 @@ def read_quant_state(weight: torch.Tensor, quant_state) -> Quant4bit:
     code = quant_state.code
     if code is None or code.numel() != 16:
         raise ValueError(f"quant_state.code must hold 16 entries, got {None if code is None else tuple(code.shape)}")
-    absmax = quant_state.absmax.reshape(-1)
+    absmax = quant_state.absmax
+    absmax = absmax if absmax.dim() == 1 else absmax.reshape(-1)  # each view is a dispatched op, per call
     blocks = -(-numel // blocksize)
     if absmax.numel() != blocks:
         raise ValueError(f"absmax has {absmax.numel()} entries, {n}x{k} in blocks of {blocksize} needs {blocks}")
@@ -111,14 +112,17 @@ def read_quant_state(weight: torch.Tensor, quant_state) -> Quant4bit:
         bs2 = int(s2.blocksize)
         if s2.absmax.numel() != -(-blocks // bs2):
             raise ValueError(f"state2.absmax has {s2.absmax.numel()} entries, {blocks} blocks of {bs2} need {-(-blocks // bs2)}")
-        extra = dict(code2=s2.code.float().contiguous(), absmax2=s2.absmax.float().reshape(-1).contiguous(),
-                     offset=quant_state.offset.float().reshape(()).contiguous(), blocksize2=bs2)
+        absmax2, offset = s2.absmax.float(), quant_state.offset.float()
+        extra = dict(code2=s2.code.float().contiguous(),
+                     absmax2=(absmax2 if absmax2.dim() == 1 else absmax2.reshape(-1)).contiguous(),
+                     offset=(offset if offset.dim() == 0 else offset.reshape(())).contiguous(), blocksize2=bs2)
     elif absmax.dtype != torch.float32:
         absmax = absmax.float()
     q = Quant4bit(packed=packed, code=code.float().contiguous(), absmax=absmax.contiguous(), blocksize=blocksize,
                   shape=shape, dtype=quant_state.dtype, quant_type=quant_type, **extra)
-    devices = {str(t.device) for t in [q.packed, *q.meta_tensors()] if t.dim() > 0}
-    if len(devices) > 1:
+    device = q.packed.device
+    if any(t.device != device for t in q.meta_tensors() if t.dim() > 0):
+        devices = {str(t.device) for t in [q.packed, *q.meta_tensors()] if t.dim() > 0}
         raise ValueError(f"4-bit weight and its quant_state are on different devices: {sorted(devices)}")
     return q
 

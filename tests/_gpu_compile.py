@@ -208,8 +208,11 @@ def cases():
                     add("lora_down", mode + " split-K", dt, _config_str(lc, w, s), arch, down, flags, w, s, rank_tc)
                     grad_a = [Ptr(dt), r, 1, Ptr(dt), K, 1, Ptr("fp32"), 4096, K, r, 1024, p, seed]
                     add("lora_grad_a", mode, dt, _config_str(lc, w, s), arch, grad_a, flags, w, s, rank_tc)
-            deq = [Ptr("u8"), Ptr("fp32"), Ptr("fp32"), Ptr(dt), N * K, BLOCKSIZE.bit_length() - 1]
-            add("dequantize_4bit", "BLOCK=1024", dt, "1024 w4 s3", arch, deq, dict(BLOCK=1024), 4, 3, None)
+            for nested in (True, False):
+                scales = [Ptr("u8"), Ptr("fp32"), Ptr("fp32"), Ptr("fp32")] if nested else [Ptr("fp32")] * 4
+                deq = [Ptr("u8"), Ptr("fp32"), *scales, Ptr(dt), N * K, BLOCKSIZE.bit_length() - 1]
+                add("dequantize_4bit", "nested" if nested else "fp32-absmax", dt, "1024 w4 s3", arch, deq,
+                    dict(NESTED=nested, BS2=256 if nested else 1, BLOCK=1024), 4, 3, None)
     return out
 
 

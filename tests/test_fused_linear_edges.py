@@ -121,7 +121,7 @@ def test_double_backward_is_refused(layer):
     xs = x.clone().requires_grad_()
     y = lk.qlora_linear(xs, packed, state, a.clone().requires_grad_(), b, 1.5)
     (gx,) = torch.autograd.grad(y.float().square().sum(), xs, create_graph=True)
-    with pytest.raises(RuntimeError, match="linear_bwd"):
+    with pytest.raises(RuntimeError, match="linear_bwd|differentiate twice"):  # the op, or the eager Function
         gx.float().sum().backward()
 
 

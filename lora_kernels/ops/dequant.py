@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..nf4 import Quant4bit, block_scales
+from ..nf4 import Quant4bit
 
 
 @triton.jit
@@ -41,18 +41,27 @@ def decode_4bit(w_ptr, code_ptr, scale_ptr, flat, mask, BS_SHIFT):
 
 
 @triton.jit
-def _dequantize_4bit_kernel(w_ptr, code_ptr, scale_ptr, out_ptr, numel, BS_SHIFT, BLOCK: tl.constexpr):
-    flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = flat < numel
-    values = decode_4bit(w_ptr, code_ptr, scale_ptr, flat, mask, BS_SHIFT)
-    tl.store(out_ptr + flat, values.to(out_ptr.dtype.element_ty), mask=mask)
+def _dequantize_4bit_kernel(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, numel,
+                            BS_SHIFT, NESTED: tl.constexpr, BS2: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK packed bytes per program, both elements of each (a block never splits a byte: blocksizes are
+    even), with double quantization undone here rather than by a PyTorch pass per call."""
+    byte = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    even = byte * 2
+    mask = even < numel
+    packed = tl.load(w_ptr + byte, mask=mask, other=0)
+    scale = block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, even >> BS_SHIFT, mask, NESTED, BS2)
+    hi, lo = decode_pair(packed, scale, code_ptr, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + even, hi, mask=mask)
+    tl.store(out_ptr + even + 1, lo, mask=mask & (even + 1 < numel))
 
 
 def dequantize_4bit_triton(q: Quant4bit, dtype: torch.dtype, out: torch.Tensor = None) -> torch.Tensor:
     n, k = q.shape
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=q.device)
+    nested = q.code2 is not None
     block = 1024
-    _dequantize_4bit_kernel[(triton.cdiv(n * k, block),)](
-        q.packed, q.code, block_scales(q).contiguous(), out, n * k, q.blocksize.bit_length() - 1, BLOCK=block)
+    _dequantize_4bit_kernel[(triton.cdiv(triton.cdiv(n * k, 2), block),)](
+        q.packed, q.code, q.absmax, *([q.code2, q.absmax2, q.offset] if nested else [q.absmax] * 3), out, n * k,
+        q.blocksize.bit_length() - 1, NESTED=nested, BS2=q.blocksize2 if nested else 1, BLOCK=block)
     return out

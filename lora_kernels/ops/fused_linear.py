@@ -8,10 +8,12 @@
     mask is stored and recomputation under activation checkpointing (which restores the RNG the seed is
     drawn from) reproduces it.
 
-The Triton path: xa by a small rank kernel, then one GEMM kernel that decodes W in its main loop and adds
-the LoRA term and bias in the epilogue before the single store of y (dx likewise). For large M the
-dispatcher can instead decode W into a buffer, run cuBLAS, and apply the same epilogue (configs.choose_path).
-The reference path (CPU default) runs the same equations in plain PyTorch (lora_kernels.reference).
+The fused path: xa by a small rank kernel (a cuBLAS matmul without dropout), then one GEMM kernel that decodes
+W in its main loop and adds the LoRA term and bias in the epilogue before the single store of y (dx likewise).
+The dequantize path (configs.choose_path; the GPU default, measured faster): W decoded into a buffer by one
+kernel, cuBLAS for the matmuls and for adding bias and LoRA term; our epilogue kernel only where dropout's mask
+or a bias of another dtype needs it. The reference path (CPU default) runs the same equations in plain PyTorch
+(lora_kernels.reference). Eager calls go through _LinearFunction, torch.compile through the torch.library ops.
 """
 from __future__ import annotations
 
@@ -121,7 +123,9 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     xa = b = None
     if lora_A is not None:
-        xa = launch_lora_down(x, lora_A.to(x.dtype).contiguous(), dropout_p, seed)
+        a = lora_A.to(x.dtype)
+        # Without dropout xa is a plain skinny GEMM: one cuBLAS call costs less host time than the rank kernel.
+        xa = launch_lora_down(x, a.contiguous(), dropout_p, seed) if dropout_p > 0.0 else torch.mm(x, a.t())
         b = lora_B.to(x.dtype)
     lora = dict(left=xa, right=b, right_strides=(b.stride(1), b.stride(0)) if b is not None else None,
                 bias=bias, scaling=scaling)
@@ -141,8 +145,16 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
             launch_fused_linear(x, weight, (weight.stride(1), weight.stride(0)), BASE_DENSE, out, **lora)
 
     if path == "dequant" or not _fused_or_fallback("forward", x, n, k, fused):
-        torch.mm(x, _dense_weight(weight, qmeta, qints, x.dtype).t(), out=out)
-        if xa is not None or bias is not None:
+        w = _dense_weight(weight, qmeta, qints, x.dtype)
+        if bias is None or bias.dtype == x.dtype:  # cuBLAS adds bias and LoRA term: fewer launches than ours
+            if bias is None:
+                torch.mm(x, w.t(), out=out)
+            else:
+                torch.addmm(bias, x, w.t(), out=out)
+            if xa is not None:
+                out.addmm_(xa, b.t(), alpha=scaling)
+        else:
+            torch.mm(x, w.t(), out=out)
             launch_fused_linear(x, None, (0, 0), BASE_NONE, out, acc_in=True, **lora)
     return out, xa
 
@@ -169,17 +181,16 @@ def _backward_dx_triton(dy, weight, qmeta, qints, dxa, a, scaling, dropout_p, se
 
     if configs.choose_path(m) == "dequant" or not _fused_or_fallback("backward", dy, n, k, fused):
         torch.mm(dy, _dense_weight(weight, qmeta, qints, dy.dtype), out=dx)
-        if dxa is not None:
+        if dxa is not None and lora["dropout_p"] == 0.0:
+            dx.addmm_(dxa, a, alpha=scaling)
+        elif dxa is not None:  # the dropout mask of the LoRA term is drawn in the kernel
             launch_fused_linear(dy, None, (0, 0), BASE_NONE, dx, acc_in=True, **lora)
     return dx
 
 
 # ------------------------------------------------------------------------------------------ custom ops
 
-@torch.library.custom_op("lora_kernels::linear_fwd", mutates_args=())
-def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor], qints: list[int],
-                lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                scaling: float, dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_fwd_impl(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
     """(y, xa) for x [M, K]; xa is empty when there is no LoRA term. qints = [N, K, blocksize, blocksize2];
     a 4-bit weight has qmeta = its code, absmax[, code2, absmax2, offset]; a dense one blocksize 0, qmeta []."""
     with _no_autocast(x.device):
@@ -196,6 +207,14 @@ def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor]
         return y, (xa if xa is not None else x.new_empty((0,)))
 
 
+@torch.library.custom_op("lora_kernels::linear_fwd", mutates_args=())
+def _linear_fwd(x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor], qints: list[int],
+                lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                scaling: float, dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward as a torch.library op (what torch.compile traces); see _linear_fwd_impl."""
+    return _linear_fwd_impl(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed)
+
+
 @_linear_fwd.register_fake
 def _(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
     n = qints[0]
@@ -203,11 +222,7 @@ def _(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
     return x.new_empty((x.shape[0], n)), x.new_empty(xa_shape)
 
 
-@torch.library.custom_op("lora_kernels::linear_bwd", mutates_args=())
-def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor],
-                qints: list[int], lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor],
-                xa: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
-                need_dx: bool, need_lora: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_bwd_impl(dy, x, weight, qmeta, qints, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_lora):
     """(dx, dA, dB); a gradient that is not needed comes back empty. The LoRA term is part of dx whether or
     not A and B need gradients."""
     with _no_autocast(dy.device):
@@ -243,6 +258,16 @@ def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: 
         return tuple(g if g is not None else x.new_empty((0,)) for g in (dx, d_a, d_b))
 
 
+@torch.library.custom_op("lora_kernels::linear_bwd", mutates_args=())
+def _linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, qmeta: list[torch.Tensor],
+                qints: list[int], lora_A: Optional[torch.Tensor], lora_B: Optional[torch.Tensor],
+                xa: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
+                need_dx: bool, need_lora: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward as a torch.library op (what torch.compile traces); see _linear_bwd_impl."""
+    return _linear_bwd_impl(dy, x, weight, qmeta, qints, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx,
+                            need_lora)
+
+
 @_linear_bwd.register_fake
 def _(dy, x, weight, qmeta, qints, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_lora):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
@@ -259,24 +284,63 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
 
 
-def _backward(ctx, dy, _dxa_unused):
+def _grads(ctx, dy, bwd):
+    """(dx, dA, dB, dbias, number of qmeta tensors) from the saved context; bwd: the op or its impl."""
     x, weight, lora_A, lora_B, xa, seed, *qmeta = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     need_lora = ctx.has_lora and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
     dx = d_a = d_b = d_bias = None
     if need_dx or need_lora:
-        dx, d_a, d_b = _linear_bwd(dy, x, weight, qmeta, ctx.qints, lora_A, lora_B, xa, ctx.scaling,
-                                   ctx.dropout_p, seed, need_dx, need_lora)
+        dx, d_a, d_b = bwd(dy, x, weight, qmeta, ctx.qints, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
+                           need_dx, need_lora)
         if not need_dx:
             dx = None
         if not need_lora:
             d_a = d_b = None
     if ctx.bias_dtype is not None:
         d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return dx, None, [None] * len(qmeta), None, d_a, d_b, d_bias, None, None, None
+    return dx, d_a, d_b, d_bias, len(qmeta)
+
+
+def _backward(ctx, dy, _dxa_unused):
+    dx, d_a, d_b, d_bias, n_meta = _grads(ctx, dy, _linear_bwd)
+    return dx, None, [None] * n_meta, None, d_a, d_b, d_bias, None, None, None
 
 
 torch.library.register_autograd("lora_kernels::linear_fwd", _backward, setup_context=_setup_context)
+
+
+class _LinearFunction(torch.autograd.Function):
+    """The same forward and backward in eager mode, without the torch.library dispatch around them: on an H200
+    host that dispatch and its autograd wrapper cost about 0.3 ms per call (benchmarks/results/
+    h200-probe-2026-11-29.md), more than the kernels at most layer shapes. Arguments as the op's; y only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed):
+        y, xa = _linear_fwd_impl(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed)
+        _setup_context(ctx, (x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, dropout_p, seed), (y, xa))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # as the op: no double backward through the kernels
+    def backward(ctx, dy):
+        dx, d_a, d_b, d_bias, _ = _grads(ctx, dy, _linear_bwd_impl)
+        return dx, None, None, None, d_a, d_b, d_bias, None, None, None
+
+
+# The eager path: False sends every call through the torch.library op (tests compare the two).
+EAGER_FUNCTION = True
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call may take _LinearFunction: not under torch.compile or a functorch transform, and only plain
+    tensors (a tensor subclass, e.g. a FakeTensor or DTensor, goes through the op and its registrations)."""
+    if not EAGER_FUNCTION or torch.compiler.is_compiling():
+        return False
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        return False
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 # ------------------------------------------------------------------------------------------ public functions
@@ -327,10 +391,13 @@ def _number(name, value):
                         + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else "")) from exc
 
 
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # read-only: the seed of every call without dropout
+
+
 def _draw_seed(dropout_p, training, lora_A):
     """Seed from torch's CPU generator: activation checkpointing restores it, so recompute sees the same."""
     p = float(dropout_p) if (training and lora_A is not None) else 0.0
-    seed = torch.randint(2, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else torch.zeros((), dtype=torch.int64)
+    seed = torch.randint(2, 2**31 - 1, (), dtype=torch.int64) if p > 0.0 else _NO_SEED
     return p, seed
 
 
@@ -340,7 +407,10 @@ def _run(x, k, n, weight, qmeta, qints, lora_A, lora_B, scaling, bias, dropout_p
         raise ValueError(f"scaling must be finite, got {scaling}")
     p, seed = _draw_seed(dropout_p, training, lora_A)
     x2 = _int32_span(x.reshape(-1, k))  # the op saves this x for backward, so both directions read it safely
-    y, _ = _linear_fwd(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
+    if _eager(x2, weight, lora_A, lora_B, bias):
+        y = _LinearFunction.apply(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
+    else:
+        y, _ = _linear_fwd(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
     return y.reshape(*x.shape[:-1], n)
 
 
