@@ -343,3 +343,29 @@ def test_cuda_bench_sets_the_device_only_when_indexed(monkeypatch, device, index
     monkeypatch.setattr(presets.BenchSpec, "validate", lambda self: None)
     assert runner.run_bench(presets.BenchSpec(device=device), progress=False) == "ran"
     assert calls == ([] if index is None else [index])
+
+
+def test_cpu_layer_providers_are_timed_interleaved(monkeypatch):
+    """One call of each provider per round, the order reversed every other round, each call in its provider's
+    environment; a provider that fails is reported alone."""
+    from lora_kernels.bench import presets, providers, runner
+
+    order = []
+
+    def build_case(provider, mode, n, k, m, r, **kw):
+        if provider == "broken":
+            raise RuntimeError("cannot build")
+
+        def fn():
+            order.append((provider, os.environ.get("LK_TEST_PROVIDER")))
+        return providers.Case(fn=fn, label=provider, env={"LK_TEST_PROVIDER": provider})
+
+    monkeypatch.setattr(providers, "build_case", build_case)
+    monkeypatch.setattr(runner, "LAYER_GROUP_MIN_S", 0.0)
+    spec = presets.BenchSpec(cpu_reps=3)
+    tasks = [runner.Task("layer_fwd", p, 32, 16, 1, 4) for p in ("a", "b", "broken")]
+    out = runner._measure_layer_group(tasks, spec, runner._Inputs(spec))
+    assert isinstance(out[id(tasks[2])], RuntimeError)
+    assert [out[id(t)][1].reps for t in tasks[:2]] == [3, 3]
+    assert order == [("a", "a"), ("b", "b"),  # warm-up
+                     ("a", "a"), ("b", "b"), ("b", "b"), ("a", "a"), ("a", "a"), ("b", "b")]
