@@ -3,7 +3,8 @@
 # sweep; everything lands under $OUT (commit the CSV/PNG/MD into benchmarks/results/ afterwards).
 # From the project root, after ../shared/gpu/wheels.sh has put bitsandbytes into .whl/ (carry .whl):
 #   LORA_KERNELS_COMMIT=<git rev-parse --short=12 HEAD> bash benchmarks/gpu_session.sh
-# TEST_S and BENCH_S bound the two parts (seconds); together they fit one 10-minute call.
+# TEST_S, PROBE_S, CSRC_TEST_S, CSRC_BENCH_S and BENCH_S bound the parts (seconds); with the defaults they fit
+# one 10-minute call, machine start not included.
 set -u
 : "${OUT:?set OUT to the folder whose files come back}"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -18,6 +19,10 @@ export LORA_KERNELS_COMMIT=${LORA_KERNELS_COMMIT:-$(git rev-parse --short=12 HEA
 cat "$OUT/env.txt"
 timeout "${TEST_S:-150}" python3 -m pytest -q -rs --durations=15 -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $?"; tail -n 25 "$OUT/gpu-tests.log"
+# host time per layer call and the kernel table of one forward + backward (benchmarks/gpu_probe.py)
+timeout "${PROBE_S:-60}" python3 benchmarks/gpu_probe.py --pieces 1024x1024x16 --fwdbwd 4096x4096x4096 \
+  > "$OUT/probe.txt" 2>&1
+echo "probe: exit $?"; grep -E "pieces|===" "$OUT/probe.txt"
 # csrc/ (only when lora_kernels/_csrc*.so was built on the CPU machine and carried): tests, then timings
 if ls lora_kernels/_csrc*.so >/dev/null 2>&1; then
   timeout "${CSRC_TEST_S:-60}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_csrc_gpu.py > "$OUT/csrc-tests.log" 2>&1
@@ -25,6 +30,6 @@ if ls lora_kernels/_csrc*.so >/dev/null 2>&1; then
   timeout "${CSRC_BENCH_S:-90}" python3 csrc/bench_decode.py > "$OUT/csrc-decode.txt" 2>&1
   echo "csrc bench: exit $?"; cat "$OUT/csrc-decode.txt"
 fi
-timeout "${BENCH_S:-420}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-420} - 60 )) \
+timeout "${BENCH_S:-200}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-200} - 60 )) \
   --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 echo "bench: exit $?"; tail -c 6000 "$OUT/bench.log"
