@@ -73,6 +73,16 @@ def main():
             print(f"{name} key={key} -> {cfg}")
 
 
+def _layer(nxkxm, r):
+    """(n, k, m, random nested 4-bit W, its quant state, x, A, B) on the GPU, bf16, for an NxKxM string."""
+    n, k, m = (int(v) for v in nxkxm.split("x"))
+    q = random_quant(n, k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+    return n, k, m, q, quant_state_of(q), x, a, b
+
+
 def _host_us(fn, calls=100):
     for _ in range(5):
         fn()
@@ -119,12 +129,7 @@ def pieces(args):
     that the host is what is timed); 'wall' includes waiting for the GPU at the end."""
     from lora_kernels.ops import fused_linear as fl
 
-    n, k, m = (int(v) for v in args.pieces.split("x"))
-    q = random_quant(n, k)
-    state = quant_state_of(q)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    a = torch.randn(args.r, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, args.r, device="cuda", dtype=torch.bfloat16)
+    n, k, m, q, state, x, a, b = _layer(args.pieces, args.r)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     xa = fk.launch_lora_down(x, a, 0.0, 0)
 
@@ -182,12 +187,7 @@ def host_profile(args):
     import cProfile
     import pstats
 
-    n, k, m = (int(v) for v in args.host.split("x"))
-    q = random_quant(n, k)
-    state = quant_state_of(q)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    a = torch.randn(args.r, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, args.r, device="cuda", dtype=torch.bfloat16)
+    n, k, m, q, state, x, a, b = _layer(args.host, args.r)
     for path in ("fused", "dequant"):
         os.environ["LORA_KERNELS_PATH"] = path
         for _ in range(5):
