@@ -1,0 +1,57 @@
+"""Host time per qlora_linear call on the GPU code path, measured on a CPU machine: the Triton path runs
+through the interpreter with every kernel launch stubbed out, so what is timed is our Python, the PyTorch ops
+around the kernels (small matmuls included, on CPU) and the autograd machinery, not Triton's launcher or any
+kernel. A CPU proxy for the host-time figures of benchmarks/results/h200-probe-2026-11-29.md; measured.
+
+    python benchmarks/host_time_cpu.py          # from the project root
+"""
+import os
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["LORA_KERNELS_BACKEND"] = "triton"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+import lora_kernels as lk  # noqa: E402
+from tests._util import quantized  # noqa: E402
+
+
+def main():
+    interpreter.GridExecutor.__call__ = lambda self, *args, **kwargs: None  # launches cost nothing here
+    torch.set_num_threads(1)
+    packed, state, _ = quantized(96, 128)
+    x = torch.randn(16, 128, dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(8, 128) / 10).requires_grad_()
+    b = (torch.randn(96, 8) / 10).requires_grad_()
+    bias = torch.randn(96, dtype=torch.bfloat16)
+    dy = torch.randn(16, 96, dtype=torch.bfloat16)
+
+    def fwd(p):
+        return lk.qlora_linear(x, packed, state, a, b, 0.5, bias=bias, dropout_p=p, training=True)
+
+    def fwd_bwd(p):
+        fwd(p).backward(dy)
+
+    print("host us per call, 96x128 4-bit W, M = 16, r = 8, launches stubbed (median of 7 x 200 calls)")
+    for path in ("dequant", "fused"):
+        os.environ["LORA_KERNELS_PATH"] = path
+        for p in (0.0, 0.1):
+            for name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                for _ in range(30):
+                    fn(p)
+                runs = []
+                for _ in range(7):
+                    t0 = time.perf_counter()
+                    for _ in range(200):
+                        fn(p)
+                    runs.append((time.perf_counter() - t0) / 200 * 1e6)
+                print(f"  {path:8s} dropout {p:<4} {name:8s} {statistics.median(runs):7.1f}")
+
+
+if __name__ == "__main__":
+    main()
