@@ -186,3 +186,39 @@ def test_scaling_and_dropout_must_be_numbers(layer):
         lk.qlora_linear(x, packed, state, a, b, float("nan"))
     y = lk.qlora_linear(x, packed, state, a, b, torch.tensor(2.0))
     assert torch.equal(y, lk.qlora_linear(x, packed, state, a, b, 2))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bias-bf16", "bias-fp32"])
+@pytest.mark.parametrize("path", ["dequant", "fused"])
+def test_paths_add_bias_and_lora_term(monkeypatch, path, bias_dtype, p):
+    """The dequantize path adds bias and LoRA term with cuBLAS when it can (no dropout in the term, a bias in
+    x's dtype) and through the epilogue kernel otherwise; forward and gradients against the fp64 oracle."""
+    from lora_kernels.ops.common import INTERPRETED
+    from tests._util import assert_close_to_oracle
+
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("LORA_KERNELS_PATH", path)
+    packed, state, w = quantized(48, 128, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 128, generator=gen).to(torch.bfloat16)
+    a = torch.randn(8, 128, generator=gen) / 11
+    b = torch.randn(48, 8, generator=gen) / 3
+    bias = torch.randn(48, generator=gen).to(bias_dtype)
+    leaves = [[t.clone().requires_grad_() for t in (x, a, b)] for _ in range(3)]
+    torch.manual_seed(3)
+    y = lk.qlora_linear(leaves[0][0], packed, state, leaves[0][1], leaves[0][2], 1.5, bias=bias, dropout_p=p,
+                        training=True)
+    torch.manual_seed(3)
+    seed = int(torch.randint(2, 2**31 - 1, (), dtype=torch.int64)) if p > 0 else None
+    x64, a64, b64 = leaves[1]
+    y64 = reference.lora_linear_ref(x64.double(), w.double(), a64.double(), b64.double(), 1.5, bias.double(), p,
+                                    seed)
+    y_nat = reference.lora_linear_ref(leaves[2][0], w, leaves[2][1], leaves[2][2], 1.5, bias, p, seed)
+    tol = dict(factor=2.0, atol=2.0**-7 if INTERPRETED else 1e-5)
+    assert_close_to_oracle(y, y64, y_nat, **tol, what="y")
+    dy = torch.randn(y.shape, generator=gen).to(torch.bfloat16)
+    for t in (y, y64, y_nat):
+        t.backward(dy.to(t.dtype))
+    for name, i in (("dx", 0), ("dA", 1), ("dB", 2)):
+        assert_close_to_oracle(leaves[0][i].grad, leaves[1][i].grad, leaves[2][i].grad, **tol, what=name)

@@ -17,23 +17,23 @@ def test_dequantize_bit_exact_on_cuda(dtype, n, k):
     assert torch.equal(lk.dequantize_4bit(packed, state), expected)
 
 
-def _check_op(monkeypatch, path, m, n, k, r):
+def _check_op(monkeypatch, path, m, n, k, r, p=0.1, bias_dtype=torch.bfloat16):
     """Forward and all gradients of qlora_linear (dropout, bias) against an fp32 oracle, on one path."""
     monkeypatch.setenv("LORA_KERNELS_PATH", path)
-    dtype, p, s = torch.bfloat16, 0.1, 2.0
+    dtype, s = torch.bfloat16, 2.0
     packed, state, w = quantized(n, k, dtype=dtype, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
     a = (torch.randn(r, k, generator=gen, device="cuda") / k**0.5).requires_grad_()
     b = (torch.randn(n, r, generator=gen, device="cuda") / r**0.5).requires_grad_()
-    bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(n, generator=gen, device="cuda").to(bias_dtype)
     xs = [x.clone().requires_grad_() for _ in range(3)]
     a_s = [a.detach().clone().requires_grad_() for _ in range(3)]
     b_s = [b.detach().clone().requires_grad_() for _ in range(3)]
     torch.manual_seed(1)
     y = lk.qlora_linear(xs[0], packed, state, a_s[0], b_s[0], s, bias=bias, dropout_p=p, training=True)
     torch.manual_seed(1)
-    seed = int(torch.randint(2, 2**31 - 1, (), dtype=torch.int64))
+    seed = int(torch.randint(2, 2**31 - 1, (), dtype=torch.int64)) if p > 0 else None
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     y32 = reference.lora_linear_ref(xs[1], w, a_s[1], b_s[1], s, bias, p, seed, upcast=torch.float32)
     y_nat = reference.lora_linear_ref(xs[2], w, a_s[2], b_s[2], s, bias, p, seed)
@@ -57,6 +57,35 @@ def test_qlora_linear_every_m_bucket(monkeypatch, path, m):
     """4096x4096 forward and backward at every M the autotuner buckets differently, on the path auto picks and
     on the fused kernels forced (triton 3.6 once failed to build every 4-bit tile of 64+ rows: 17 <= M < 2048)."""
     _check_op(monkeypatch, path, m, 4096, 4096, 16)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bias-bf16", "bias-fp32"])
+def test_dequant_path_bias_and_lora_term(monkeypatch, p, bias_dtype):
+    """The dequantize path's cuBLAS additions (no dropout, bias in x's dtype) and its epilogue kernel."""
+    _check_op(monkeypatch, "dequant", 2048, 4096, 4096, 16, p=p, bias_dtype=bias_dtype)
+
+
+def test_eager_function_matches_the_op_on_cuda(monkeypatch):
+    """Eager calls (autograd.Function) and the torch.library op give the same bits, forward and backward."""
+    from lora_kernels.ops import fused_linear
+
+    packed, state, _ = quantized(4096, 4096, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+    a = torch.randn(16, 4096, generator=gen, device="cuda") / 64
+    b = torch.randn(4096, 16, generator=gen, device="cuda") / 4
+    dy = torch.randn(512, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+    got = []
+    for eager in (True, False):
+        monkeypatch.setattr(fused_linear, "EAGER_FUNCTION", eager)
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        torch.manual_seed(3)
+        y = lk.qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 2.0, dropout_p=0.1, training=True)
+        y.backward(dy)
+        got.append([y.detach()] + [t.grad for t in leaves])
+    for e, o in zip(*got):
+        assert torch.equal(e, o)
 
 
 def test_decode_shapes_on_cuda():
