@@ -3,7 +3,7 @@
 # sweep; everything lands under $OUT (commit the CSV/PNG/MD into benchmarks/results/ afterwards).
 # From the project root, after ../shared/gpu/wheels.sh has put bitsandbytes into .whl/ (carry .whl):
 #   LORA_KERNELS_COMMIT=<git rev-parse --short=12 HEAD> bash benchmarks/gpu_session.sh
-# TEST_S, PROBE_S, CSRC_TEST_S, CSRC_BENCH_S and BENCH_S bound the parts (seconds); with the defaults they fit
+# TEST_S, PROBE_S, SWEEP_S, CSRC_TEST_S, CSRC_BENCH_S and BENCH_S bound the parts (seconds); with the defaults they fit
 # one 10-minute call, machine start not included.
 set -u
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -17,19 +17,24 @@ export LORA_KERNELS_COMMIT=${LORA_KERNELS_COMMIT:-$(git rev-parse --short=12 HEA
   python3 -c "import torch, triton, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'bnb', b.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-timeout "${TEST_S:-150}" python3 -m pytest -q -rs --durations=15 -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.log" 2>&1
+timeout "${TEST_S:-120}" python3 -m pytest -q -rs --durations=15 -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $?"; tail -n 25 "$OUT/gpu-tests.log"
 # host time per layer call and the kernel table of one forward + backward (benchmarks/gpu_probe.py)
 timeout "${PROBE_S:-60}" python3 benchmarks/gpu_probe.py --pieces 1024x1024x16 --fwdbwd 4096x4096x4096 \
   > "$OUT/probe.txt" 2>&1
 echo "probe: exit $?"; grep -E "pieces|===" "$OUT/probe.txt"
+# the fused 4-bit forward per config, pipelined (s3/s4, the autotune list) against one stage (s1), beside
+# dequantize + cuBLAS: the data for configs.DEQUANT_PATH_MIN_M and for the fused kernels' stage count
+timeout "${SWEEP_S:-60}" python3 benchmarks/gpu_probe.py --sweep 8192x8192x1,8192x8192x16,8192x8192x4096 \
+  --configs 16x64x128w4s4,16x64x128w4s1,64x64x64w4s1,128x128x64w8s3,128x128x64w8s1 > "$OUT/sweep.txt" 2>&1
+echo "sweep: exit $?"; cat "$OUT/sweep.txt"
 # csrc/ (only when lora_kernels/_csrc*.so was built on the CPU machine and carried): tests, then timings
 if ls lora_kernels/_csrc*.so >/dev/null 2>&1; then
   timeout "${CSRC_TEST_S:-60}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_csrc_gpu.py > "$OUT/csrc-tests.log" 2>&1
   echo "csrc tests: exit $?"; tail -n 15 "$OUT/csrc-tests.log"
-  timeout "${CSRC_BENCH_S:-90}" python3 csrc/bench_decode.py > "$OUT/csrc-decode.txt" 2>&1
+  timeout "${CSRC_BENCH_S:-70}" python3 csrc/bench_decode.py > "$OUT/csrc-decode.txt" 2>&1
   echo "csrc bench: exit $?"; cat "$OUT/csrc-decode.txt"
 fi
-timeout "${BENCH_S:-200}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-200} - 60 )) \
+timeout "${BENCH_S:-180}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-180} - 60 )) \
   --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 echo "bench: exit $?"; tail -c 6000 "$OUT/bench.log"
