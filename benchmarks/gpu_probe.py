@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--sweep", default="", help="NxKxM cases: time every 16-bit GEMM config of the 4-bit forward")
     ap.add_argument("--dump", default="", help="folder for the cubins of the swept kernels")
     ap.add_argument("--configs", default="", help="sweep only these, e.g. 16x64x128w4s2,128x128x64w8s1")
+    ap.add_argument("--code", default="regs,gather", help="the forward's code lookups to sweep (configs.CODE_REGS)")
     ap.add_argument("--host", default="", help="NxKxM: cProfile of the host side of 200 calls")
     ap.add_argument("--dequant", default="", help="NxK list: bitsandbytes' and our dequantize timed")
     ap.add_argument("--fwdbwd", default="", help="NxKxM: CUDA kernel table and host time of forward+backward")
@@ -244,6 +245,7 @@ def sweep(args):
         compiled["last"] = kernel[grid](*a, **flags, **config)
 
     fk._launch_gemm = capture
+    code_regs = configs.CODE_REGS
     for case in args.sweep.split(","):
         n, k, m = (int(v) for v in case.split("x"))
         q = random_quant(n, k)
@@ -257,17 +259,18 @@ def sweep(args):
             import re
             chosen = [tuple(int(v) for v in re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)", c).groups())
                       for c in args.configs.split(",")]
-        for bm, bn, bk, wn, st in chosen:
+        for (bm, bn, bk, wn, st), code in ((c, code) for c in chosen for code in args.code.split(",")):
+            configs.CODE_REGS = code == "regs"
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=wn, num_stages=st)
             try:
                 fk.launch_qlora_fwd(x, q, out, config=cfg)
                 kern = compiled["last"]
                 us = timed(lambda: fk.launch_qlora_fwd(x, q, out, config=cfg), reps=10)
             except Exception as exc:  # noqa: BLE001 - a probe reports and goes on
-                print(f"  {bm}x{bn}x{bk} w{wn} s{st}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                print(f"  {bm}x{bn}x{bk} w{wn} s{st} {code}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                 continue
-            name = f"fwd_{n}x{k}_m{m}_{bm}x{bn}x{bk}w{wn}s{st}"
-            print(f"  {bm}x{bn}x{bk} w{wn} s{st}: {us:9.1f} us  regs {kern.n_regs} spills {kern.n_spills} "
+            name = f"fwd_{n}x{k}_m{m}_{bm}x{bn}x{bk}w{wn}s{st}_{code}"
+            print(f"  {bm}x{bn}x{bk} w{wn} s{st} {code:6s}: {us:9.1f} us  regs {kern.n_regs} spills {kern.n_spills} "
                   f"shared {kern.metadata.shared}", flush=True)
             if args.dump:
                 os.makedirs(args.dump, exist_ok=True)
@@ -276,6 +279,7 @@ def sweep(args):
                 with open(os.path.join(args.dump, name + ".ttgir"), "w") as f:
                     f.write(kern.asm.get("ttgir", ""))
     fk._launch_gemm = real
+    configs.CODE_REGS = code_regs
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ echo "gpu tests: exit $?"; tail -n 25 "$OUT/gpu-tests.log"
 timeout "${PROBE_S:-60}" python3 benchmarks/gpu_probe.py --pieces 1024x1024x16 --fwdbwd 4096x4096x4096 \
   > "$OUT/probe.txt" 2>&1
 echo "probe: exit $?"; grep -E "pieces|===" "$OUT/probe.txt"
-# the fused 4-bit forward per config, pipelined (s3/s4, the autotune list) against one stage (s1), beside
-# dequantize + cuBLAS: the data for configs.DEQUANT_PATH_MIN_M and for the fused kernels' stage count
-timeout "${SWEEP_S:-60}" python3 benchmarks/gpu_probe.py --sweep 8192x8192x1,8192x8192x16,8192x8192x4096 \
-  --configs 16x64x128w4s4,16x64x128w4s1,64x64x64w4s1,128x128x64w8s3,128x128x64w8s1 > "$OUT/sweep.txt" 2>&1
+# the fused 4-bit forward per config, code lookup from registers (configs.CODE_REGS) and gathered, pipelined
+# (the autotune list) and one stage, beside dequantize + cuBLAS: the data for configs.DEQUANT_PATH_MIN_M
+timeout "${SWEEP_S:-90}" python3 benchmarks/gpu_probe.py --sweep 8192x8192x1,8192x8192x16,8192x8192x4096 \
+  --configs 16x64x128w4s4,16x64x128w4s1,128x128x64w8s3 --code regs,gather > "$OUT/sweep.txt" 2>&1
 echo "sweep: exit $?"; cat "$OUT/sweep.txt"
 # csrc/ (only when lora_kernels/_csrc*.so was built on the CPU machine and carried): tests, then timings
 if ls lora_kernels/_csrc*.so >/dev/null 2>&1; then
@@ -35,6 +35,6 @@ if ls lora_kernels/_csrc*.so >/dev/null 2>&1; then
   timeout "${CSRC_BENCH_S:-70}" python3 csrc/bench_decode.py > "$OUT/csrc-decode.txt" 2>&1
   echo "csrc bench: exit $?"; cat "$OUT/csrc-decode.txt"
 fi
-timeout "${BENCH_S:-180}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-180} - 60 )) \
+timeout "${BENCH_S:-150}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-150} - 60 )) \
   --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
 echo "bench: exit $?"; tail -c 6000 "$OUT/bench.log"

@@ -110,7 +110,8 @@ def _qlora_fwd_args(mode, dt, m, tile):
             m, N, k, R, configs.m_bucket(m), DTYPES[dt], 0.25]
     flags = dict(HAS_LORA=True, HAS_BIAS=True, NESTED=aligned, BS_SHIFT=BLOCKSIZE.bit_length() - 1, BS2=256,
                  ROW_SCALE=aligned, SUB_K=min(tile["BLOCK_K"], BLOCKSIZE if aligned else 32),
-                 X_PAIRS=pairs, UPCAST=False, R_BLOCK=_rank_block(R, configs.GEMM_RANK_BLOCK_MAX))
+                 X_PAIRS=pairs, UPCAST=False, R_BLOCK=_rank_block(R, configs.GEMM_RANK_BLOCK_MAX),
+                 CODE_REGS=configs.CODE_REGS and pairs)
     return args, flags
 
 

@@ -32,17 +32,18 @@ CASES = [
     ("bwd", "16x64x128 w4 s4", 16),
     ("bwd", "128x64x64 w8 s3", 512),
 ]
-# Not met yet (counted with triton 3.9 at 553f5b9, issue 10): the decode keeps bitsandbytes' exact arithmetic
-# (code[nibble] * scale in fp32, rounded once), and plain Triton has no register or shared-memory table, so
-# the 16-entry code table is still gathered per element (an async copy or load from code_ptr). A bf16 table
-# (PRMT lookup) would meet the instruction budget but rounds W twice: on the bitsandbytes-dequantized weight's
-# oracle it reached 1.6-1.95x PyTorch's own error at K = 4096-14336, against the contract's 2x. The scale
-# loads (one per row and block) are met. Strict: a case that starts meeting its budgets fails here until it
-# is taken off this list.
+# Not met yet (counted with triton 3.9). dx keeps bitsandbytes' exact arithmetic with the 16-entry code table
+# gathered per element (an async copy or load from code_ptr). The forward (16-bit x) now looks codes up from 16
+# registers with a select tree (configs.CODE_REGS): no table loads in its loop, but about 25 instructions per
+# element, 3x the gather's count; the gather cost far more on the GPU than its count said (cp.async copies
+# through shared memory: 707 us measured at 8192x8192 M = 1 on an H200). A bf16 table (PRMT lookup) would meet
+# the instruction budget but rounds W twice: on the bitsandbytes-dequantized weight's oracle it reached
+# 1.6-1.95x PyTorch's own error at K = 4096-14336, against the contract's 2x. Strict: a case that starts
+# meeting its budgets fails here until it is taken off this list.
 NOT_MET = {
-    "fwd-16x64x128-w4-s4-M1": "8.9 instructions per element (budget 3), code table gathered per element",
-    "fwd-16x32x128-w4-s4-M1": "12.3 per element (budget 3), code table gathered per element",
-    "fwd-128x128x64-w8-s3-M512": "8.5 per element (budget 4.5), code table gathered, waits on each HGMMA group",
+    "fwd-16x64x128-w4-s4-M1": "24.6 instructions per element (budget 3): the select-tree lookup, no table loads",
+    "fwd-16x32x128-w4-s4-M1": "28.6 per element (budget 3): the select-tree lookup, no table loads",
+    "fwd-128x128x64-w8-s3-M512": "24.6 per element (budget 4.5), select-tree lookup, waits on each HGMMA group",
     "bwd-16x64x128-w4-s4-M16": "8.6 per element (budget 3), code table gathered per element",
     "bwd-128x64x64-w8-s3-M512": "9.5 per element (budget 4.5), code table gathered, waits on each HGMMA group",
 }

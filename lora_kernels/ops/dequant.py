@@ -31,6 +31,48 @@ def decode_pair(packed, scale, code_ptr, dtype: tl.constexpr):
 
 
 @triton.jit
+def code_regs(code_ptr):
+    """The 16 code values as scalars, loaded once before a main loop (see lookup16)."""
+    return (tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
+            tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
+            tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+            tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15))
+
+
+@triton.jit
+def lookup16(nib, c):
+    """c[nib] for 4-bit codes `nib` from the 16 scalars `c` (code_regs): a tree of 15 selects on the nibble's
+    bits, no memory access. The same fp32 values the gather returns, so the decode stays bit-exact; what it
+    avoids is the per-element gather, which Triton's pipeliner stages through cp.async and shared memory."""
+    b0 = (nib & 1) != 0
+    l0 = tl.where(b0, c[1], c[0])
+    l1 = tl.where(b0, c[3], c[2])
+    l2 = tl.where(b0, c[5], c[4])
+    l3 = tl.where(b0, c[7], c[6])
+    l4 = tl.where(b0, c[9], c[8])
+    l5 = tl.where(b0, c[11], c[10])
+    l6 = tl.where(b0, c[13], c[12])
+    l7 = tl.where(b0, c[15], c[14])
+    b1 = (nib & 2) != 0
+    m0 = tl.where(b1, l1, l0)
+    m1 = tl.where(b1, l3, l2)
+    m2 = tl.where(b1, l5, l4)
+    m3 = tl.where(b1, l7, l6)
+    b2 = (nib & 4) != 0
+    h0 = tl.where(b2, m1, m0)
+    h1 = tl.where(b2, m3, m2)
+    return tl.where((nib & 8) != 0, h1, h0)
+
+
+@triton.jit
+def decode_pair_regs(packed, scale, c, dtype: tl.constexpr):
+    """decode_pair with the code table in registers (lookup16)."""
+    even = (lookup16(packed >> 4, c) * scale).to(dtype)
+    odd = (lookup16(packed & 0xF, c) * scale).to(dtype)
+    return even, odd
+
+
+@triton.jit
 def decode_4bit(w_ptr, code_ptr, scale_ptr, flat, mask, BS_SHIFT):
     """Values of the flat elements `flat` of a packed 4-bit weight, in fp32 (code[nibble] * block scale).
     The general case (any K, e.g. odd in_features): each element gathers its byte, nibble and scale."""

@@ -19,7 +19,7 @@ from ..errors import KernelBuildError
 from . import configs
 from .common import UPCAST_DOT, INTERPRETED, mma, philox_uniform, rank_block
 from ..nf4 import block_scales
-from .dequant import block_scale, decode_4bit, decode_pair
+from .dequant import block_scale, code_regs, decode_4bit, decode_pair, decode_pair_regs
 
 BASE_NONE, BASE_DENSE, BASE_4BIT = 0, 1, 2
 
@@ -135,6 +135,7 @@ def _qlora_fwd_kernel(
     BS2: tl.constexpr, ROW_SCALE: tl.constexpr, SUB_K: tl.constexpr, X_PAIRS: tl.constexpr,
     UPCAST: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    CODE_REGS: tl.constexpr = False,
 ):
     """y^T[n, m] = sum_k W[n, k] x[m, k] over K in SUB_K-wide steps, each the even-k and the odd-k half.
     ROW_SCALE (K a multiple of the blocksize, SUB_K at most one block): one scale per row and step."""
@@ -146,6 +147,8 @@ def _qlora_fwd_kernel(
     mask_n = offs_n < N
     half_k = K // 2
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if CODE_REGS:
+        codes = code_regs(code_ptr)
     for k0 in range(0, K, BLOCK_K):
         for s0 in tl.static_range(0, BLOCK_K, SUB_K):
             offs_p = (k0 + s0) // 2 + tl.arange(0, SUB_K // 2)  # K pairs: bytes of a W row
@@ -160,7 +163,10 @@ def _qlora_fwd_kernel(
                 block = (offs_n[:, None] * K + 2 * offs_p[None, :]) >> BS_SHIFT
                 scale = block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block,
                                     mask_n[:, None] & mask_p[None, :], NESTED, BS2)
-            w_even, w_odd = decode_pair(packed, scale, code_ptr, dtype)
+            if CODE_REGS:
+                w_even, w_odd = decode_pair_regs(packed, scale, codes, dtype)
+            else:
+                w_even, w_odd = decode_pair(packed, scale, code_ptr, dtype)
             x_mask = mask_p[:, None] & mask_m[None, :]
             if X_PAIRS:  # one 32-bit load per K pair, split into its two 16-bit halves (little-endian)
                 pairs = tl.load(x_ptr + offs_p[:, None] * stride_xk + offs_m[None, :] * stride_xm, mask=x_mask,
@@ -449,7 +455,7 @@ def launch_qlora_fwd(x, q, out, *, xa=None, b=None, bias=None, scaling=1.0, conf
             m, n, k, r, configs.m_bucket(m), x.element_size(), float(scaling)]
     flags = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, ROW_SCALE=k % q.blocksize == 0,
                  X_PAIRS=pairs is not None, UPCAST=UPCAST_DOT, R_BLOCK=rank_block(r, configs.GEMM_RANK_BLOCK_MAX),
-                 **wflags)
+                 CODE_REGS=configs.CODE_REGS and x.element_size() == 2, **wflags)
     _launch_gemm(_qlora_fwd, _qlora_fwd_tuned, _grid(m, n), args, flags, config)
     return out
 
