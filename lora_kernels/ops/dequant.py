@@ -97,13 +97,20 @@ def _dequantize_4bit_kernel(w_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr,
     tl.store(out_ptr + even + 1, lo, mask=mask & (even + 1 < numel))
 
 
+def weight_args(q: Quant4bit, nested: bool, absmax=None):
+    """Pointer arguments (packed, code, absmax, code2, absmax2, offset) and flags (NESTED, BS_SHIFT, BS2) of a
+    4-bit weight for the kernels: nested undoes double quantization in the kernel; otherwise `absmax` (default
+    q.absmax) is fp32 and fills the unused pointer slots."""
+    absmax = q.absmax if absmax is None else absmax
+    ptrs = [q.packed, q.code, absmax] + ([q.code2, q.absmax2, q.offset] if nested else [absmax] * 3)
+    return ptrs, dict(NESTED=nested, BS_SHIFT=q.blocksize.bit_length() - 1, BS2=q.blocksize2 if nested else 1)
+
+
 def dequantize_4bit_triton(q: Quant4bit, dtype: torch.dtype, out: torch.Tensor = None) -> torch.Tensor:
     n, k = q.shape
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=q.device)
-    nested = q.code2 is not None
+    ptrs, flags = weight_args(q, q.code2 is not None)  # flat blocks: nested scales at any K
     block = 1024
-    _dequantize_4bit_kernel[(triton.cdiv(triton.cdiv(n * k, 2), block),)](
-        q.packed, q.code, q.absmax, *([q.code2, q.absmax2, q.offset] if nested else [q.absmax] * 3), out, n * k,
-        q.blocksize.bit_length() - 1, NESTED=nested, BS2=q.blocksize2 if nested else 1, BLOCK=block)
+    _dequantize_4bit_kernel[(triton.cdiv(triton.cdiv(n * k, 2), block),)](*ptrs, out, n * k, **flags, BLOCK=block)
     return out

@@ -330,15 +330,13 @@ class _LinearFunction(torch.autograd.Function):
 
 # The eager path: False sends every call through the torch.library op (tests compare the two).
 EAGER_FUNCTION = True
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)  # looked up once
 
 
 def _eager(*tensors) -> bool:
     """Whether a call may take _LinearFunction: not under torch.compile or a functorch transform, and only plain
     tensors (a tensor subclass, e.g. a FakeTensor or DTensor, goes through the op and its registrations)."""
-    if not EAGER_FUNCTION or torch.compiler.is_compiling():
-        return False
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if active is not None and active():
+    if not EAGER_FUNCTION or torch.compiler.is_compiling() or _functorch_active():
         return False
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 

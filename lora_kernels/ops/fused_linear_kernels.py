@@ -19,7 +19,7 @@ from ..errors import KernelBuildError
 from . import configs
 from .common import UPCAST_DOT, INTERPRETED, mma, philox_uniform, rank_block
 from ..nf4 import block_scales
-from .dequant import block_scale, code_regs, decode_4bit, decode_pair, decode_pair_regs
+from .dequant import block_scale, code_regs, decode_4bit, decode_pair, decode_pair_regs, weight_args
 
 BASE_NONE, BASE_DENSE, BASE_4BIT = 0, 1, 2
 
@@ -420,9 +420,7 @@ def _weight_args(q):
     in_features a multiple of the blocksize the kernels undo double quantization per (row, block); otherwise
     they gather a scale per byte, and one fp32 gather (block_scales, a PyTorch pass) spills less than three."""
     nested = q.code2 is not None and q.shape[1] % q.blocksize == 0
-    absmax = q.absmax if nested or q.code2 is None else block_scales(q).contiguous()
-    ptrs = [q.packed, q.code, absmax] + ([q.code2, q.absmax2, q.offset] if nested else [absmax] * 3)
-    return ptrs, dict(NESTED=nested, BS_SHIFT=q.blocksize.bit_length() - 1, BS2=q.blocksize2 if nested else 1)
+    return weight_args(q, nested, q.absmax if nested or q.code2 is None else block_scales(q).contiguous())
 
 
 def _pair_view(x):
