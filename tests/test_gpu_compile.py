@@ -269,3 +269,12 @@ def test_specialization_matches_triton_launcher():
             assert consts == {"v": attr}
         else:
             assert (attrs.get((0,)) == [["tt.divisibility", 16]]) == (attr == "D"), (value, attrs, attr)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c["id"]) for c in CASES if c["kernel"] == "dequantize_4bit"])
+def test_dequantize_keeps_bitsandbytes_roundings(case, compiled):
+    """No FFMA in the dequantize kernel: the nested scale is a product and then a sum, each rounded, as in
+    bitsandbytes (dequant.add_rn). Contracted into an FMA, fp16 weights differed from bitsandbytes' on an H200."""
+    res = compiled.get(case["id"])
+    assert res and res["ok"], res
+    assert res["ffma"] == 0, f"{case['id']}: {res['ffma']} FFMA"
