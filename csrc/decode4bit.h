@@ -181,6 +181,23 @@ LK_HD void decode8(const Table& t, uint32_t q, uint32_t out[4], uint32_t base = 
   lookup4(t, idx >> 16, dsel >> 16, out[2], out[3]);
 }
 
+// The exact decode of one packed byte: its two fp32 codes (even element first) times the fp32 block
+// scale, each product rounded once to the dtype, as bitsandbytes dequantizes; packed even | odd << 16.
+template <bool BF16>
+LK_HD uint32_t pack_exact(float even, float odd, float scale) {
+#if defined(__CUDA_ARCH__)
+  const float e = __fmul_rn(even, scale), o = __fmul_rn(odd, scale);
+  uint32_t d;
+  if (BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(o), "f"(e));  // first source to the high half
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(o), "f"(e));
+  return d;
+#else
+  return (uint32_t)f32_to_bits<BF16>(mul_rn(even, scale)) | (uint32_t)f32_to_bits<BF16>(mul_rn(odd, scale)) << 16;
+#endif
+}
+
 // Host model of the kernel's packed multiply (HMUL2): both 16-bit inputs are exact in fp32 and so
 // is their product, so one fp32 multiply and one rounding give the hardware's result.
 template <bool BF16>

@@ -4,10 +4,10 @@
 //
 // Fast kernel: a CTA owns 16 rows of W (the M side of mma.m16n8k16) and its warps split K in
 // 128-wide steps. Lane (g, t) loads 16 packed bytes (32 elements) of rows g and g+8 once, decodes
-// them in registers with PRMT over a 16-entry table (decode4bit.h), scales them with one packed
-// multiply per pair and feeds them to the tensor cores as the A operand; x (1 or 2 n8 tiles of
-// tokens) is the B operand, read through L1. Partial sums meet in shared memory, then the
-// epilogue adds the LoRA term and the bias and stores y once.
+// them (a shared-memory byte table, PRMT over registers, or exactly: fp32 code * fp32 scale rounded
+// once, as bitsandbytes) and feeds them to the tensor cores as the A operand; x (1 or 2 n8 tiles of
+// tokens) is the B operand, read through L1. Loads run several steps ahead of the decode. Partial
+// sums meet in shared memory, then the epilogue adds the LoRA term and the bias and stores y once.
 // Generic kernel: one warp per row, element-wise exact decode; any K, alignment or blocksize.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,7 +22,9 @@ constexpr int kRows = 16;      // W rows per CTA
 constexpr int kStep = 128;     // k per warp step: 4 lanes x 32 elements
 constexpr int kMaxWarps = 16;  // warps per CTA (split-K inside the CTA)
 constexpr int kGenericWarps = 8;
-constexpr int kTableWords = 256 * 32;              // 32 KB: 256 code pairs x 32 lanes
+constexpr int kTableWords = 256 * 32;              // 32 KB: 256 code pairs x 32 lanes, or 256 fp32 pairs x 16
+// The fast kernel's decode (lk_decode_args.decode).
+constexpr int kShared = 0, kRegisters = 1, kExact = 2;
 
 struct Params {
   lk_decode_args a;
@@ -75,6 +77,12 @@ __device__ __forceinline__ uint32_t lds(uint32_t shared_addr) {
   return v;
 }
 
+__device__ __forceinline__ float2 lds64(uint32_t shared_addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(shared_addr));
+  return v;
+}
+
 // (s, s) as a packed 16-bit pair.
 template <bool BF16>
 __device__ __forceinline__ uint32_t pack_scale(float s) {
@@ -112,15 +120,6 @@ __device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, u
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Scale of the block holding flat element i (the fast kernel's blocksizes are powers of two).
-template <bool NESTED>
-__device__ __forceinline__ float load_scale(const Params& p, float offset, uint32_t i) {
-  const uint32_t b = i >> p.log2_bs;
-  if (!NESTED) return __ldg(static_cast<const float*>(p.a.absmax) + b);
-  const uint32_t q = __ldg(static_cast<const uint8_t*>(p.a.absmax) + b);
-  return __fadd_rn(__fmul_rn(__ldg(p.a.code2 + q), __ldg(p.a.absmax2 + (b >> p.log2_bs2))), offset);
-}
-
 // y = acc + scaling * xa[m] . b[n] + bias[n], rounded once to the dtype.
 template <bool BF16>
 __device__ __forceinline__ void epilogue(const lk_decode_args& a, int m, int n, float acc) {
@@ -139,7 +138,8 @@ __device__ __forceinline__ void epilogue(const lk_decode_args& a, int m, int n, 
 // SCALE_AFTER (blocksize >= 128: the whole step is one block per row): codes go to the tensor
 // cores unscaled and the fp32 partial sums are scaled once. Otherwise (blocksize 64: the quad's
 // step spans two blocks) the decoded pairs are scaled before the MMA, one packed multiply each.
-template <bool BF16, int NT, bool SCALE_AFTER, typename Decode>
+// EXACT: decode applies the fp32 scale per element itself (sa, sb are fp32 bits).
+template <bool BF16, int NT, bool SCALE_AFTER, bool EXACT, typename Decode>
 __device__ __forceinline__ void mma_step(const Decode& decode, const uint4& qa, const uint4& qb,
                                          uint32_t sa, uint32_t sb, const uint32_t (&xr)[NT][16],
                                          float (&acc)[NT][4]) {
@@ -152,9 +152,9 @@ __device__ __forceinline__ void mma_step(const Decode& decode, const uint4& qa, 
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint32_t P[4], Q[4];
-    decode(wa[i], P);
-    decode(wb[i], Q);
-    if (!SCALE_AFTER) {
+    decode(wa[i], P, sa);
+    decode(wb[i], Q, sb);
+    if (!SCALE_AFTER && !EXACT) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) P[j] = mul2<BF16>(P[j], sa), Q[j] = mul2<BF16>(Q[j], sb);
     }
@@ -180,13 +180,28 @@ __device__ __forceinline__ void mma_step(const Decode& decode, const uint4& qa, 
   }
 }
 
-template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, bool SMEM>
+// Steps of W (and their scales) in flight per warp, and of x. One 16-row tile with one token tile keeps
+// three steps of W in flight beyond the one it decodes (3 KB per warp: HBM latency times the SM's share of
+// bandwidth is about 30 KB per SM, at 16 warps per SM). Two token tiles (64 registers of x per step) leave
+// room for one step ahead with one row tile and none with two: deeper rings spilled (8-56 B of stack).
+template <int NT, int RT>
+struct Depth {
+  static constexpr int w = RT == 2 ? 1 : NT == 1 ? 4 : 2;
+  static constexpr int x = NT == 1 ? 2 : 1;
+};
+
+template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, int DECODE>
 __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Params p) {
+  constexpr bool SMEM = DECODE != kRegisters, EXACT = DECODE == kExact;
+  static_assert(!(EXACT && SCALE_AFTER), "the exact decode scales each element before rounding it");
   using T = typename Elem<BF16>::T;
   constexpr int kCtaRows = kRows * RT;  // RT row tiles per warp share each x fragment (M > 8: halves x traffic)
   constexpr int kRed = kMaxWarps * kCtaRows * 16;
+  constexpr int DW = Depth<NT, RT>::w, DX = Depth<NT, RT>::x;
+  static_assert(DW % DX == 0, "the x ring must divide the W ring");
   // SMEM: the 256 byte -> code-pair table, one copy per lane (entry-major, so the 32 lanes of a warp
-  // always hit 32 different banks); afterwards the split-K partial sums. Else only the latter.
+  // always hit 32 different banks); EXACT: byte -> the two fp32 codes, one copy per lane of a half-warp
+  // (a 64-bit load serves 16 lanes at a time). Afterwards the split-K partial sums. Else only the latter.
   __shared__ __align__(16) uint32_t smem[SMEM && kTableWords > kRed ? kTableWords : kRed];
   float(*red)[kCtaRows][16] = reinterpret_cast<float(*)[kCtaRows][16]>(smem);
   const lk_decode_args& a = p.a;
@@ -194,10 +209,111 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kCtaRows;
-  const lk::Table tab = lk::make_table<BF16>(a.code);
   const uint32_t base = p.base3210;
   const uint32_t lane4 = 4u * lane;
-  if (SMEM) {
+  // A step covers 64 elements per (row, block) pair of lanes (t = 0,1 and t = 2,3): each lane
+  // computes one scale per row tile, for row g or g+8 by t's low bit and its pair's block, and the
+  // quad swaps them.
+  const int src_a = (int)opaque((lane & ~3) | (t & 2)), src_b = src_a | 1;
+  const int stride = (int)opaque(nwarps * kStep);
+  const int wstep = stride >> 1;
+  const int kb0 = warp * kStep;
+  // Full 128-wide steps of this warp (kb0, kb0 + stride, ...); a 64-wide tail may follow.
+  const int nfull = K - kb0 >= kStep ? (K - kb0 - kStep) / stride + 1 : 0;
+  uint32_t fs[RT];  // flat index of the element whose block scale this lane fetches, at the next issued step
+  const uint8_t* pa[RT];
+  const uint8_t* pb[RT];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    // Rows past N re-read row N-1; their sums are never stored.
+    const int ra = min(row0 + kRows * rt + g, a.n - 1), rb = min(row0 + kRows * rt + g + 8, a.n - 1);
+    fs[rt] = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2) + kb0);
+    pa[rt] = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
+    pb[rt] = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
+  }
+  const T* xp[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int tok = g + 8 * nt;
+    xok[nt] = tok < a.m;
+    xp[nt] = static_cast<const T*>(a.x) + (int64_t)min(tok, a.m - 1) * a.x_row + kb0 + 32 * t;
+  }
+
+  // One step's loads: W rows g and g+8 of each row tile, and the raw block scale (fp32 absmax bits, or the
+  // nested byte with its absmax2) that this lane converts when the step is decoded.
+  struct Wq {
+    uint4 a[RT], b[RT];
+    uint32_t s[RT];
+    float s2[RT];
+  };
+  struct Xq {
+    uint32_t r[NT][16];  // tokens >= M keep zeros
+  };
+  // With no step in flight (two row tiles) the scales load in the step, as the registers allow no more.
+  constexpr bool kEarlyScale = DW > 1;
+  auto load_raw_scale = [&](Wq& w, int rt, uint32_t f) {
+    const uint32_t b = f >> p.log2_bs;
+    if (NESTED) {
+      w.s[rt] = __ldg(static_cast<const uint8_t*>(a.absmax) + b);
+      w.s2[rt] = __ldg(a.absmax2 + (b >> p.log2_bs2));
+    } else {
+      w.s[rt] = __float_as_uint(__ldg(static_cast<const float*>(a.absmax) + b));
+    }
+  };
+  auto issue_w = [&](Wq& w, bool live) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      if (live) w.a[rt] = ld_stream(pa[rt]), w.b[rt] = ld_stream(pb[rt]);
+      if (kEarlyScale) load_raw_scale(w, rt, fs[rt]);
+      pa[rt] += wstep, pb[rt] += wstep, fs[rt] += stride;
+    }
+  };
+  auto issue_x = [&](Xq& x, bool live) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (xok[nt] && live) {
+        const uint4* v = reinterpret_cast<const uint4*>(xp[nt]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint4 u = __ldg(v + j);
+          x.r[nt][4 * j] = u.x, x.r[nt][4 * j + 1] = u.y, x.r[nt][4 * j + 2] = u.z, x.r[nt][4 * j + 3] = u.w;
+        }
+      }
+      xp[nt] += stride;
+    }
+  };
+  Wq wr[DW];
+  Xq xr[DX];
+#pragma unroll
+  for (int d = 0; d < DW; ++d)
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) wr[d].a[rt] = wr[d].b[rt] = make_uint4(0, 0, 0, 0), wr[d].s[rt] = 0, wr[d].s2[rt] = 0.f;
+#pragma unroll
+  for (int d = 0; d < DX; ++d)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 16; ++j) xr[d].r[nt][j] = 0u;
+  // The first steps' loads go out before the table is built, so their latency overlaps it.
+#pragma unroll
+  for (int d = 0; d < DW - 1; ++d)
+    if (d < nfull) issue_w(wr[d], true);
+#pragma unroll
+  for (int d = 0; d < DX - 1; ++d)
+    if (d < nfull) issue_x(xr[d], true);
+
+  const lk::Table tab = lk::make_table<BF16>(a.code);
+  if (EXACT) {
+    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
+      // element order: the high nibble is the even element
+      const uint32_t hi = __float_as_uint(__ldg(a.code + (byte >> 4))), lo = __float_as_uint(__ldg(a.code + (byte & 15)));
+      uint4* dst = reinterpret_cast<uint4*>(smem + 32 * byte);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) dst[j] = make_uint4(hi, lo, hi, lo);
+    }
+    __syncthreads();
+  } else if (SMEM) {
     for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
       uint32_t o[4];
       lk::decode8(tab, (uint32_t)byte, o, base);  // byte in byte 0: o[0] = code[hi] | code[lo] << 16
@@ -209,9 +325,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   }
   // Eight elements of one packed word -> four code pairs in element order.
   // Per byte: PRMT extracts it, LEA makes the address (byte * 128 + this lane's copy); two ALU ops.
-  const uint32_t lane_addr = opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + lane4);
-  auto decode = [&](uint32_t q, uint32_t(&o)[4]) {
-    if (SMEM) {
+  const uint32_t lane_addr =
+      opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + (EXACT ? 8u * (lane & 15) : lane4));
+  auto decode = [&](uint32_t q, uint32_t(&o)[4], uint32_t s) {
+    if (EXACT) {
+      const float f = __uint_as_float(s);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 c = lds64((__byte_perm(q, 0u, 0x4440u + j) << 7) + lane_addr);
+        o[j] = lk::pack_exact<BF16>(c.x, c.y, f);
+      }
+    } else if (SMEM) {
       o[0] = lds((__byte_perm(q, 0u, 0x4440u) << 7) + lane_addr);
       o[1] = lds((__byte_perm(q, 0u, 0x4441u) << 7) + lane_addr);
       o[2] = lds((__byte_perm(q, 0u, 0x4442u) << 7) + lane_addr);
@@ -221,113 +345,51 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
     }
   };
   const float offset = NESTED ? __ldg(a.offset) : 0.f;
-  // A step covers 64 elements per (row, block) pair of lanes (t = 0,1 and t = 2,3): each lane
-  // computes one scale per row tile, for row g or g+8 by t's low bit and its pair's block, and the
-  // quad swaps them.
-  const int src_a = (int)opaque((lane & ~3) | (t & 2)), src_b = src_a | 1;
-  const int stride = (int)opaque(nwarps * kStep);
-  const int wstep = stride >> 1;
-  int kb = warp * kStep;
-  uint32_t fs0[RT];
-  const uint8_t* pa[RT];
-  const uint8_t* pb[RT];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-    // Rows past N re-read row N-1; their sums are never stored.
-    const int ra = min(row0 + kRows * rt + g, a.n - 1), rb = min(row0 + kRows * rt + g + 8, a.n - 1);
-    fs0[rt] = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2));
-    pa[rt] = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
-    pb[rt] = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb >> 1) + 16 * t;
-  }
-  const T* xp[NT];
-  bool xok[NT];
-  uint32_t xr[NT][16];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int tok = g + 8 * nt;
-    xok[nt] = tok < a.m;
-    xp[nt] = static_cast<const T*>(a.x) + (int64_t)min(tok, a.m - 1) * a.x_row + kb + 32 * t;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) xr[nt][j] = 0u;  // tokens >= M keep these zeros
-  }
   float acc[RT][NT][4];
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[rt][nt][0] = acc[rt][nt][1] = acc[rt][nt][2] = acc[rt][nt][3] = 0.f;
-
-  // W for one step: rows g and g+8 of each row tile.
-  struct Wq {
-    uint4 a[RT], b[RT];
-  };
-  auto load_w = [&](Wq& w, int offset_bytes) {
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt) w.a[rt] = ld_stream(pa[rt] + offset_bytes), w.b[rt] = ld_stream(pb[rt] + offset_bytes);
-  };
-  auto step = [&](const Wq& w, int kstep, bool tail) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if (xok[nt]) {
-        const uint4* v = reinterpret_cast<const uint4*>(xp[nt]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint4 u = __ldg(v + j);
-          xr[nt][4 * j] = u.x, xr[nt][4 * j + 1] = u.y, xr[nt][4 * j + 2] = u.z, xr[nt][4 * j + 3] = u.w;
-        }
-      }
-    }
+  auto step = [&](Wq& w, const Xq& x) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
-      // In the tail, lanes 2,3 fetch an in-range scale they do not use.
-      const uint32_t fs = fs0[rt] + kstep - (tail ? 32u * (t & 2) : 0u);
-      const float s = load_scale<NESTED>(p, offset, fs);
-      const uint32_t s2 = SCALE_AFTER ? __float_as_uint(s) : pack_scale<BF16>(s);
+      if (!kEarlyScale) load_raw_scale(w, rt, fs[rt] - stride);  // fs has moved on to the next step
+      const float s = NESTED ? __fadd_rn(__fmul_rn(__ldg(a.code2 + w.s[rt]), w.s2[rt]), offset)
+                             : __uint_as_float(w.s[rt]);
+      const uint32_t s2 = SCALE_AFTER || EXACT ? __float_as_uint(s) : pack_scale<BF16>(s);
       const uint32_t sa = __shfl_sync(0xffffffffu, s2, src_a), sb = __shfl_sync(0xffffffffu, s2, src_b);
-      mma_step<BF16, NT, SCALE_AFTER>(decode, w.a[rt], w.b[rt], sa, sb, xr, acc[rt]);
-      pa[rt] += wstep, pb[rt] += wstep;
+      mma_step<BF16, NT, SCALE_AFTER, EXACT>(decode, w.a[rt], w.b[rt], sa, sb, x.r, acc[rt]);
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) xp[nt] += stride;
   };
 
-  // One row tile: two register sets for W, so the next step's bytes are in flight while one decodes.
-  // Two row tiles: one set (the registers would spill), the step's loads issued before its x loads.
-  Wq w0, w1;
+  // Step j decodes ring slot j % DW (x: j % DX) while the loads of step j + DW - 1 (x: j + DX - 1) go out.
+  // Unrolled by DW so every slot index is a compile-time constant (registers, not local memory).
+  for (int j0 = 0; j0 < nfull; j0 += DW) {
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt) w0.a[rt] = w0.b[rt] = w1.a[rt] = w1.b[rt] = make_uint4(0, 0, 0, 0);
-  if (RT > 1) {
-    while (kb + kStep <= K) {
-      load_w(w0, 0);
-      step(w0, kb, false);
-      kb += stride;
+    for (int u = 0; u < DW; ++u) {
+      const int j = j0 + u;
+      if (j >= nfull) break;
+      if (j + DW - 1 < nfull) issue_w(wr[(u + DW - 1) % DW], true);
+      if (j + DX - 1 < nfull) issue_x(xr[(u + DX - 1) % DX], true);
+      step(wr[u], xr[u % DX]);
     }
   }
-  if (RT == 1 && kb + kStep <= K) load_w(w0, 0);
-  while (RT == 1 && kb + kStep <= K) {
-    const bool more = kb + stride + kStep <= K;
-    if (more) load_w(w1, wstep);
-    step(w0, kb, false);
-    kb += stride;
-    if (!more) break;
-    const bool more2 = kb + stride + kStep <= K;
-    if (more2) load_w(w0, wstep);
-    step(w1, kb, false);
-    kb += stride;
-    if (!more2) break;
-  }
-  if (kb < K) {  // K % 128 == 64 (blocksize 64 only): lanes t = 2, 3 are past the row's end
+  if (kb0 + nfull * stride < K) {  // K % 128 == 64 (blocksize 64 only): lanes t = 2, 3 are past the row's end
     const bool live = t < 2;
+    // Lanes 2,3 fetch an in-range scale they do not use.
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) fs[rt] -= 32u * (t & 2);
     Wq w;
+    Xq x;
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) w.a[rt] = w.b[rt] = make_uint4(0, 0, 0, 0);
-    if (live) load_w(w, 0);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) xok[nt] = xok[nt] && live;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int j = 0; j < 16; ++j) xr[nt][j] = 0u;
-    step(w, kb, true);
+      for (int j = 0; j < 16; ++j) x.r[nt][j] = 0u;
+    issue_w(w, live);
+    issue_x(x, live);
+    step(w, x);
   }
 
   if (SMEM) __syncthreads();  // every warp is done with the table before it holds partial sums
@@ -393,28 +455,35 @@ int ilog2_exact(int v) {  // log2 of a power of two, else -1
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-template <bool BF16, int NT, int RT, bool SMEM>
+template <bool BF16, int NT, int RT, int DECODE>
 void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
   const dim3 grid(tiles), block(warps * 32);
-  if (p.a.nested) {
-    if (after)
-      decode_fast_kernel<BF16, NT, RT, true, true, SMEM><<<grid, block, 0, stream>>>(p);
+  if constexpr (DECODE == kExact) {  // always scales before rounding
+    if (p.a.nested)
+      decode_fast_kernel<BF16, NT, RT, true, false, kExact><<<grid, block, 0, stream>>>(p);
     else
-      decode_fast_kernel<BF16, NT, RT, true, false, SMEM><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, RT, false, false, kExact><<<grid, block, 0, stream>>>(p);
+  } else if (p.a.nested) {
+    if (after)
+      decode_fast_kernel<BF16, NT, RT, true, true, DECODE><<<grid, block, 0, stream>>>(p);
+    else
+      decode_fast_kernel<BF16, NT, RT, true, false, DECODE><<<grid, block, 0, stream>>>(p);
   } else {
     if (after)
-      decode_fast_kernel<BF16, NT, RT, false, true, SMEM><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, RT, false, true, DECODE><<<grid, block, 0, stream>>>(p);
     else
-      decode_fast_kernel<BF16, NT, RT, false, false, SMEM><<<grid, block, 0, stream>>>(p);
+      decode_fast_kernel<BF16, NT, RT, false, false, DECODE><<<grid, block, 0, stream>>>(p);
   }
 }
 
 template <bool BF16, int NT, int RT>
 void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
-  if (p.a.table_in_registers)
-    launch_fast<BF16, NT, RT, false>(p, after, tiles, warps, stream);
+  if (p.a.decode == kRegisters)
+    launch_fast<BF16, NT, RT, kRegisters>(p, after, tiles, warps, stream);
+  else if (p.a.decode == kExact)
+    launch_fast<BF16, NT, RT, kExact>(p, after, tiles, warps, stream);
   else
-    launch_fast<BF16, NT, RT, true>(p, after, tiles, warps, stream);
+    launch_fast<BF16, NT, RT, kShared>(p, after, tiles, warps, stream);
 }
 
 template <bool BF16>
@@ -437,6 +506,7 @@ void launch(const Params& p, int path, cudaStream_t stream) {
   // about 16 warps per SM (enough 16-byte loads in flight for HBM), never more than K's 128-wide steps.
   int warps = 1;
   while (warps < kMaxWarps && warps * 2 * tiles <= 16 * sms && warps * 2 <= steps) warps *= 2;
+  if (a.warps) warps = a.warps;  // fixed by the caller (measurement)
   const bool after = a.blocksize >= kStep && a.k % kStep == 0;
   if (rt == 2)
     launch_fast<BF16, 2, 2>(p, after, tiles, warps, stream);
@@ -479,6 +549,8 @@ int lk_decode_path(const lk_decode_args* a) {
   if (a->nested && (!a->code2 || !a->absmax2 || !a->offset || a->blocksize2 < 1)) return -1;
   if (a->r > 0 && (!a->xa || !a->b)) return -1;
   if (a->row_tiles < 0 || a->row_tiles > 2) return -1;
+  if (a->decode < kShared || a->decode > kExact) return -1;
+  if (a->warps < 0 || a->warps > kMaxWarps || (a->warps & (a->warps - 1))) return -1;
   if (a->force_generic) return 0;
   // The fast kernel's steps pair lanes over 64 elements of one block: K % 64 == 0, blocksize >= 64.
   const bool fast = a->k % 64 == 0 && ilog2_exact(a->blocksize) >= 6 &&

@@ -7,7 +7,7 @@
 extern "C" {
 #endif
 
-#define LK_CSRC_ABI_VERSION 1
+#define LK_CSRC_ABI_VERSION 2
 #define LK_API __attribute__((visibility("default")))  // the build hides everything else
 
 enum lk_status {
@@ -46,9 +46,11 @@ typedef struct lk_decode_args {
   float scaling;
   int32_t force_generic;  // 1: the element-wise kernel even where the fast one applies (tests)
   int32_t device;         // CUDA device index of every tensor (made current before the launch)
-  int32_t table_in_registers;  // fast kernel's decode: 1 PRMT over a 16-entry register table,
-                               // 0 a 256-entry byte -> pair table in shared memory (default)
-  int32_t row_tiles;           // 16-row tiles per warp in the fast kernel: 0 auto, 1, or 2 (M > 8 only)
+  int32_t decode;     // fast kernel's decode: 0 a 256-entry byte -> code-pair table in shared memory,
+                      // 1 PRMT over a 16-entry register table (both round the codes to the dtype
+                      // first), 2 exact: fp32 code * fp32 scale rounded once per element, as bitsandbytes
+  int32_t row_tiles;  // 16-row tiles per warp in the fast kernel: 0 auto, 1, or 2 (M > 8 only)
+  int32_t warps;      // warps per CTA in the fast kernel: 0 auto, else a power of two up to 16
 } lk_decode_args;
 
 LK_API int lk_abi_version(void);

@@ -11,9 +11,11 @@ The main loop is the backward branch whose body holds the HMMAs. Each lane feeds
 m16n8k16 MMA per 8 weight elements per n8 token tile, so elements per lane = 8 * HMMA / NT
 (whatever the row tiles per warp).
 Reports instructions per weight element (per lane) by kernel and arch; exits 1 over budget.
+Also checks that the loop loads each step's W (two 128-bit streaming loads per 16-row tile and step).
 Shared-memory-table kernels (the default decode) with SCALE_AFTER = true (blocksize >= 128) are held
 to --budget, the others (blocksize 64: one packed multiply per decoded pair) to --budget-prescaled;
-register-table (PRMT) kernels to --budget-prmt, or only reported without it.
+register-table (PRMT) kernels to --budget-prmt and exact-decode kernels to --budget-exact, or only reported
+without them.
 """
 import argparse
 import re
@@ -56,12 +58,12 @@ def main_loop(ins):
 
 
 def demangled_flags(name):
-    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELi(\d)ELb(\d)ELb(\d)ELb(\d)E", name)
+    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELi(\d)ELb(\d)ELb(\d)ELi(\d)E", name)
     if not m:
         return None
-    bf16, nt, rt, nested, after, smem = (int(g) for g in m.groups())
+    bf16, nt, rt, nested, after, decode = (int(g) for g in m.groups())
     return dict(dtype="bf16" if bf16 else "fp16", nt=nt, rt=rt, nested=bool(nested), scale_after=bool(after),
-                smem=bool(smem))
+                smem=decode == 0, exact=decode == 2)
 
 
 def label(name):
@@ -69,7 +71,8 @@ def label(name):
     if f is None:
         m = re.search(r"decode_generic_kernelILb(\d)E", name)
         return f"generic {'bf16' if m and m.group(1) == '1' else 'fp16'}" if m else name
-    return (f"fast {'smem-table' if f['smem'] else 'prmt-table'} {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} "
+    table = "smem-table" if f["smem"] else "exact" if f["exact"] else "prmt-table"
+    return (f"fast {table} {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} "
             f"{f['rt'] * 16}-row "
             f"{'nested' if f['nested'] else 'fp32-absmax'} {'scale-after' if f['scale_after'] else 'prescaled'}")
 
@@ -102,6 +105,7 @@ def main():
     ap.add_argument("--budget", type=float, default=3.0)
     ap.add_argument("--budget-prescaled", type=float, default=None)
     ap.add_argument("--budget-prmt", type=float, default=None)
+    ap.add_argument("--budget-exact", type=float, default=None)
     args = ap.parse_args()
     over = []
     if args.resources:
@@ -126,8 +130,16 @@ def main():
             continue
         body, ops = loop
         elems = 8 * ops["HMMA"] // flags["nt"]
+        # Each 128-wide step of a row tile is 8 HMMAs per token tile and two 16-byte streaming loads of W
+        # (rows g and g + 8): a loop that decodes what it never loaded shows here, not only on a GPU.
+        w_loads = sum(1 for x in body if re.search(r"\bLDG\.E\.NA\.128\b", x))
+        if w_loads != ops["HMMA"] // (4 * flags["nt"]):
+            over.append(f"{arch} {name}: {w_loads} streaming W loads in the main loop for {ops['HMMA']} HMMA "
+                        f"(expected {ops['HMMA'] // (4 * flags['nt'])})")
         per = len(body) / elems
-        if not flags["smem"]:
+        if flags["exact"]:
+            budget = args.budget_exact
+        elif not flags["smem"]:
             budget = args.budget_prmt
         elif flags["scale_after"] or args.budget_prescaled is None:
             budget = args.budget

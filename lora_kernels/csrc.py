@@ -18,9 +18,13 @@ from typing import Optional
 
 import torch
 
-ABI_VERSION = 1  # csrc/lk_csrc.h LK_CSRC_ABI_VERSION
+ABI_VERSION = 2  # csrc/lk_csrc.h LK_CSRC_ABI_VERSION
 MAX_M = 16
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+# lk_decode_args.decode. "exact" is bitsandbytes' own rounding (fp32 code * fp32 scale, rounded once); the
+# two table decodes round the codes to the dtype first, and at blocksize 64 the scale too.
+DECODES = {"shared": 0, "registers": 1, "exact": 2}
+DEFAULT_DECODE = "shared"  # without LORA_KERNELS_CSRC_DECODE
 BUILD_HINT = ("build it with `LORA_KERNELS_BUILD_CSRC=1 pip install -e .` (nvcc from PATH or the "
               "nvidia-cuda-nvcc==13.0.88 wheels; see csrc/README.md)")
 
@@ -39,7 +43,8 @@ class DecodeArgs(ctypes.Structure):
         ("m", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("r", ctypes.c_int32),
         ("blocksize", ctypes.c_int32), ("blocksize2", ctypes.c_int32), ("nested", ctypes.c_int32),
         ("dtype", ctypes.c_int32), ("scaling", ctypes.c_float), ("force_generic", ctypes.c_int32),
-        ("device", ctypes.c_int32), ("table_in_registers", ctypes.c_int32), ("row_tiles", ctypes.c_int32),
+        ("device", ctypes.c_int32), ("decode", ctypes.c_int32), ("row_tiles", ctypes.c_int32),
+        ("warps", ctypes.c_int32),
     ]
 
 
@@ -156,12 +161,12 @@ AUTO_DISPATCH = False
 
 def wanted_for_forward(x: torch.Tensor, is_4bit: bool, path: str) -> bool:
     """The fused op's forward dispatch; `path` is configs.choose_path(M). LORA_KERNELS_PATH=csrc forces the
-    library; under =auto it takes what it can only once AUTO_DISPATCH is on; =fused or =dequant keep it out."""
+    library; under =auto it takes what it can (whichever Triton path M would take) only once AUTO_DISPATCH is on;
+    =fused or =dequant keep it out."""
     if path == "csrc":
         return use_for_forward(x, is_4bit, forced=True)
     setting = os.environ.get("LORA_KERNELS_PATH", "auto").strip().lower()
-    return (AUTO_DISPATCH and path == "fused" and setting in ("", "auto")
-            and use_for_forward(x, is_4bit, forced=False))
+    return AUTO_DISPATCH and setting in ("", "auto") and use_for_forward(x, is_4bit, forced=False)
 
 
 # Seams for the tests' fake library, which runs on CPU tensors.
@@ -183,6 +188,13 @@ def _row_tiles() -> int:
     return int(value or 0)
 
 
+def _warps() -> int:
+    value = os.environ.get("LORA_KERNELS_CSRC_WARPS", "").strip()
+    if value not in ("", "0", "1", "2", "4", "8", "16"):
+        raise ValueError(f"LORA_KERNELS_CSRC_WARPS must be 1, 2, 4, 8 or 16 (or unset), got {value!r}")
+    return int(value or 0)
+
+
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -194,14 +206,15 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
 
     x [M, K] bf16/fp16 with M <= 16; q a lora_kernels.nf4.Quant4bit; xa [M, r] and b [N, r] in x's dtype
     (or both None); bias [N] or None; out [M, N] in x's dtype with unit inner stride (allocated if None).
-    force_generic runs the exact element-wise kernel (tests). decode: the fast kernel's table, "shared"
-    (256 byte -> code-pair entries in shared memory, the default) or "registers" (16 codes, PRMT);
-    default from LORA_KERNELS_CSRC_DECODE. LORA_KERNELS_CSRC_ROW_TILES=1|2 fixes the 16-row tiles per warp at
-    M > 8 (default: chosen by N), for measuring both.
+    force_generic runs the element-wise kernel (tests). decode: the fast kernel's decode, "shared" (256 byte ->
+    code-pair entries in shared memory, the default), "registers" (16 codes, PRMT) or "exact" (fp32 code * fp32
+    scale rounded once per element, bitsandbytes' weights bit for bit); default from LORA_KERNELS_CSRC_DECODE.
+    For measuring: LORA_KERNELS_CSRC_ROW_TILES=1|2 fixes the 16-row tiles per warp at M > 8 (default: chosen
+    by N), LORA_KERNELS_CSRC_WARPS=1..16 the warps per CTA (default: as many as keep one wave).
     """
-    decode = decode or os.environ.get("LORA_KERNELS_CSRC_DECODE", "shared").strip().lower() or "shared"
-    if decode not in ("shared", "registers"):
-        raise ValueError(f"decode (LORA_KERNELS_CSRC_DECODE) must be 'shared' or 'registers', got {decode!r}")
+    decode = decode or os.environ.get("LORA_KERNELS_CSRC_DECODE", "").strip().lower() or DEFAULT_DECODE
+    if decode not in DECODES:
+        raise ValueError(f"decode (LORA_KERNELS_CSRC_DECODE) must be one of {sorted(DECODES)}, got {decode!r}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -265,8 +278,8 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
         out=out.data_ptr(), out_row=out.stride(0),
         m=m, n=n, k=k, r=r, blocksize=q.blocksize, blocksize2=q.blocksize2 if q.nested else 0,
         nested=int(q.nested), dtype=_DTYPES[x.dtype], scaling=float(scaling), force_generic=int(force_generic),
-        device=device.index if device.index is not None else 0, table_in_registers=int(decode == "registers"),
-        row_tiles=_row_tiles(),
+        device=device.index if device.index is not None else 0, decode=DECODES[decode],
+        row_tiles=_row_tiles(), warps=_warps(),
     )
     rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(device)))
     if rc != 0:

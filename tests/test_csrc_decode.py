@@ -42,6 +42,17 @@ void host_decode8_codes(const uint32_t* words, long long nwords, const float* co
     for (int j = 0; j < 4; ++j) { out[8 * w + 2 * j] = p[j] & 0xffff; out[8 * w + 2 * j + 1] = p[j] >> 16; }
   }
 }
+// The fast kernel's exact decode: per packed byte, its two fp32 codes from the byte table times the block
+// scale, each rounded once (pack_exact); blocksizes are even, so a byte never spans two blocks.
+void host_decode_bytes_exact(const uint8_t* packed, long long nbytes, const float* code, const float* scales,
+                             int bs, int bf16, uint32_t* out) {
+  for (long long i = 0; i < nbytes; ++i) {
+    const uint32_t byte = packed[i];
+    const float s = scales[(2 * i) / bs];
+    out[i] = bf16 ? lk::pack_exact<true>(code[byte >> 4], code[byte & 15], s)
+                  : lk::pack_exact<false>(code[byte >> 4], code[byte & 15], s);
+  }
+}
 void host_round(const float* x, long long n, int bf16, uint16_t* out) {
   for (long long i = 0; i < n; ++i) out[i] = bf16 ? lk::f32_to_bf16_bits(x[i]) : lk::f32_to_f16_bits(x[i]);
 }
@@ -100,6 +111,21 @@ def test_exact_decode_matches_reference(host_lib, quant_type, nested, blocksize,
                                 int(dtype == torch.bfloat16), _p(out))
     ref = dequantize_4bit_ref(q, dtype).reshape(-1)
     assert torch.equal(out, ref.view(torch.int16)), f"{(out != ref.view(torch.int16)).sum()} elements differ"
+
+
+@pytest.mark.parametrize("quant_type,nested,blocksize", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_exact_decode_matches_reference(host_lib, quant_type, nested, blocksize, dtype):
+    """The exact fast kernel's per-byte arithmetic (pack_exact) gives bitsandbytes' weights bit for bit."""
+    n, k = 40, 512
+    packed, state, _ = quantized(n, k, quant_type=quant_type, nested=nested, blocksize=blocksize, seed=3)
+    q = read_quant_state(packed, state)
+    scales = block_scales(q).contiguous()
+    out = torch.empty(n * k // 2, dtype=torch.int32)
+    host_lib.host_decode_bytes_exact(_p(q.packed), ctypes.c_longlong(out.numel()), _p(q.code.float().contiguous()),
+                                     _p(scales), blocksize, int(dtype == torch.bfloat16), _p(out))
+    ref = dequantize_4bit_ref(q, dtype).reshape(-1).view(torch.int32)  # little-endian: even element low
+    assert torch.equal(out, ref), f"{(out != ref).sum()} byte pairs differ"
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

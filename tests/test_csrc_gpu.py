@@ -45,7 +45,7 @@ def random_quant(n, k, *, blocksize=64, nested=True, seed=0, device="cuda"):
 
 
 def run_case(n, k, m, *, dtype=torch.bfloat16, blocksize=64, nested=True, r=16, bias=True, force_generic=False,
-             factor=4.0):
+             factor=4.0, decode=None):
     q = random_quant(n, k, blocksize=blocksize, nested=nested, seed=n + k + m)
     g = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
@@ -53,7 +53,7 @@ def run_case(n, k, m, *, dtype=torch.bfloat16, blocksize=64, nested=True, r=16, 
     b = (torch.randn(n, r, generator=g, device="cuda") / r**0.5).to(dtype) if r else None
     bs = torch.randn(n, generator=g, device="cuda").to(dtype) if bias else None
     s = 0.5
-    out = csrc.linear_decode_fwd(x, q, xa, b, bs, s, force_generic=force_generic)
+    out = csrc.linear_decode_fwd(x, q, xa, b, bs, s, force_generic=force_generic, decode=decode)
     torch.cuda.synchronize()
     w = dequantize_4bit_ref(q, dtype)  # bit-exact bitsandbytes decode, in the dtype
     oracle = x.double() @ w.double().t()
@@ -85,13 +85,42 @@ def test_blocksizes_and_dtypes(blocksize, dtype, m):
     run_case(4096, 4096, m, dtype=dtype, blocksize=blocksize)
 
 
-@pytest.mark.parametrize("decode", ["shared", "registers"])
+@pytest.mark.parametrize("decode", ["shared", "registers", "exact"])
 @pytest.mark.parametrize("row_tiles", ["1", "2"])
 @pytest.mark.parametrize("m,blocksize", [(16, 64), (12, 128), (4, 64)])
 def test_decodes_and_row_tiles(monkeypatch, decode, row_tiles, m, blocksize):
     monkeypatch.setenv("LORA_KERNELS_CSRC_DECODE", decode)
     monkeypatch.setenv("LORA_KERNELS_CSRC_ROW_TILES", row_tiles)
-    run_case(8192, 4096 + 64 * (blocksize == 64), m, blocksize=blocksize)
+    run_case(8192, 4096 + 64 * (blocksize == 64), m, blocksize=blocksize, factor=2.0 if decode == "exact" else 4.0)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("n,k", [(8192, 8192), (14336, 4096)])
+@pytest.mark.parametrize("warps", ["1", "4", "16"])
+def test_exact_decode_real_shapes_and_warps(monkeypatch, n, k, m, warps):
+    """The exact decode within the package's 2x contract; fixed warps per CTA (the measurement knob)."""
+    monkeypatch.setenv("LORA_KERNELS_CSRC_WARPS", warps)
+    run_case(n, k, m, factor=2.0, decode="exact")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested,blocksize", [(True, 64), (False, 128), (True, 256)])
+@pytest.mark.parametrize("m,row_tiles", [(16, "1"), (16, "2"), (8, "1")])
+def test_exact_decode_gives_the_reference_weights(monkeypatch, dtype, nested, blocksize, m, row_tiles):
+    """One-hot rows of x pick single columns of W: y[i, n] = W[n, k_i] with no rounding on the way (one
+    non-zero product, fp32 sums of zeros), so the exact decode must return the reference weights bit for bit."""
+    monkeypatch.setenv("LORA_KERNELS_CSRC_ROW_TILES", row_tiles)
+    n, k = 1024 + 48, 512 + 64
+    q = random_quant(n, k, blocksize=blocksize, nested=nested, seed=blocksize + m)
+    w = dequantize_4bit_ref(q, dtype)
+    got = torch.empty_like(w)
+    for k0 in range(0, k, m):
+        cols = torch.arange(k0, min(k0 + m, k), device="cuda")
+        x = torch.zeros(m, k, device="cuda", dtype=dtype)
+        x[torch.arange(len(cols), device="cuda"), cols] = 1
+        y = csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode="exact")
+        got[:, cols] = y[: len(cols)].t()
+    assert torch.equal(got, w), f"{(got != w).sum().item()} of {w.numel()} weights differ"
 
 
 @pytest.mark.parametrize("n,k", [(100, 4096 + 64), (77, 320), (33, 47), (16, 200), (50, 4096 + 32)])

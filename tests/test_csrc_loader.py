@@ -11,6 +11,7 @@ import torch
 
 import lora_kernels
 from lora_kernels import csrc
+from lora_kernels.ops import configs
 from lora_kernels.nf4 import read_quant_state
 from tests._util import quantized
 
@@ -152,25 +153,32 @@ def test_marshalling(fake, nested):
     assert (a.bias, a.bias_stride) == (bias.data_ptr(), 2)
     assert (a.out, a.out_row) == (out.data_ptr(), n + 5)
     assert (a.m, a.n, a.k, a.r, a.blocksize) == (m, n, k, r, 128)
-    assert (a.dtype, a.scaling, a.force_generic, a.device, a.table_in_registers, a.row_tiles) == (0, 0.25, 0, 0, 0, 0)
+    assert (a.dtype, a.scaling, a.force_generic, a.device, a.decode, a.row_tiles, a.warps) == (0, 0.25, 0, 0, 0, 0, 0)
     assert fake.fake_last_stream() == 0x5EED0
 
 
-def test_decode_and_row_tile_settings(fake, monkeypatch):
+def test_decode_row_tile_and_warp_settings(fake, monkeypatch):
     packed, state, _ = quantized(32, 64, nested=False)
     q = read_quant_state(packed, state)
     x = torch.randn(12, 64, dtype=torch.bfloat16)
     monkeypatch.setenv("LORA_KERNELS_CSRC_DECODE", "registers")
     monkeypatch.setenv("LORA_KERNELS_CSRC_ROW_TILES", "1")
+    monkeypatch.setenv("LORA_KERNELS_CSRC_WARPS", "8")
     csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
-    assert (_last(fake).table_in_registers, _last(fake).row_tiles) == (1, 1)
+    assert (_last(fake).decode, _last(fake).row_tiles, _last(fake).warps) == (1, 1, 8)
     csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode="shared")
-    assert _last(fake).table_in_registers == 0
+    assert _last(fake).decode == 0
+    csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode="exact")
+    assert _last(fake).decode == 2
     monkeypatch.setenv("LORA_KERNELS_CSRC_ROW_TILES", "4")
     with pytest.raises(ValueError, match="ROW_TILES"):
         csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
     monkeypatch.delenv("LORA_KERNELS_CSRC_ROW_TILES")
-    with pytest.raises(ValueError, match="'shared' or 'registers'"):
+    monkeypatch.setenv("LORA_KERNELS_CSRC_WARPS", "3")
+    with pytest.raises(ValueError, match="WARPS"):
+        csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
+    monkeypatch.delenv("LORA_KERNELS_CSRC_WARPS")
+    with pytest.raises(ValueError, match="'exact', 'registers', 'shared'"):
         csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode="lut")
 
 
@@ -256,6 +264,10 @@ def test_fused_op_dispatches_to_the_library(fake, monkeypatch):
     got = _last(fake)
     assert (got.m, got.n, got.k, got.r, got.nested, got.dtype, got.scaling) == (3, 32, 64, 4, 1, 0, 0.5)
     assert got.xa and got.b and got.bias is None
+    monkeypatch.setattr(configs, "DEQUANT_PATH_MIN_M", 1)  # auto takes it whichever Triton path M would take
+    lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
+    assert fake.fake_calls() == calls + 2
+    calls += 1
     monkeypatch.setenv("LORA_KERNELS_PATH", "fused")  # forcing Triton keeps the library out
     lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
     assert fake.fake_calls() == calls + 1
