@@ -47,13 +47,25 @@ def quant_state_of(q):
                            absmax=q.absmax, nested=True, state2=state2, offset=q.offset, dtype=torch.bfloat16)
 
 
+_FLUSH = {}
+
+
+def flush_l2():
+    """Evicts the L2 by reading 256 MB: a read leaves clean lines, so the timed kernel pays no write-backs (a
+    zero_() flush left ~50 MB of dirty lines that the next kernel's reads had to write back first)."""
+    buf = _FLUSH.get("buf")
+    if buf is None:
+        buf = _FLUSH["buf"] = torch.ones(64 * 1024 * 1024, dtype=torch.float32, device="cuda")
+    buf.sum()
+
+
 def timed(fn, reps=50):
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    """Median CUDA-event time of fn (us), L2 flushed before each run: the kernels plus launch latency."""
     for _ in range(5):
         fn()
     times = []
     for _ in range(reps):
-        flush.zero_()
+        flush_l2()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -61,6 +73,22 @@ def timed(fn, reps=50):
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
+
+
+def kernel_us(fn, reps=20):
+    """Device time of fn's kernels per call (us, torch.profiler), L2 flushed before each run: no launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            flush_l2()
+            fn()
+        torch.cuda.synchronize()
+    return sum(ev.device_time_total for ev in prof.key_averages()
+               if ev.device_time_total > 0 and "at::native::reduce_kernel" not in ev.key) / reps
 
 
 def main():
@@ -79,16 +107,18 @@ def main():
         sys.exit(f"csrc library not available: {st['reason']}")
     name = torch.cuda.get_device_name()
     bw = args.bw or (4.8 if "H200" in name else 3.35)
-    lines = [f"# {name}, torch {torch.__version__}; times in us (median, L2 flushed); floor at {bw} TB/s",
-             "n,k,m,csrc_shared,csrc_registers,csrc_exact,csrc_rt1,op_csrc,op_triton,op_auto,cublas_bf16_dense,"
-             "floor,shared_vs_floor,exact_vs_floor"]
+    lines = [f"# {name}, torch {torch.__version__}; us; kern_* = kernel device time (torch.profiler), wall_* and op_* ="
+             f" CUDA-event time (launch latency and, for op_*, host time included), L2 flushed by a read before"
+             f" each run; floor = bytes at {bw} TB/s; read_wall = event time of torch.sum over as many bytes",
+             "n,k,m,kern_exact,kern_shared,kern_registers,kern_exact_nolora,kern_cublas,wall_exact,wall_cublas,"
+             "read_wall,op_auto,op_dequant,op_fused,floor,kern_exact_vs_floor,wall_exact_vs_read"]
     print("\n".join(lines), flush=True)
 
-    def kernel_time(env, x, q, xa, b, out):
+    def with_env(env, fn):
         old = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         try:
-            return timed(lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out))
+            return fn()
         finally:
             for key, value in old.items():
                 if value is None:
@@ -96,7 +126,7 @@ def main():
                 else:
                     os.environ[key] = value
 
-    sweep = {tuple(int(v) for v in s.split("x")) for s in args.warps_sweep.split(",") if s}
+    sweep = {tuple(int(v) for v in shape.split("x")) for shape in args.warps_sweep.split(",") if shape}
     sweep_lines = []
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -109,30 +139,37 @@ def main():
             b = torch.randn(n, args.r, device="cuda", dtype=torch.bfloat16)
             a = torch.randn(args.r, k, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-            row = {}
-            for label, env in (("csrc_shared", {"LORA_KERNELS_CSRC_DECODE": "shared"}),
-                               ("csrc_registers", {"LORA_KERNELS_CSRC_DECODE": "registers"}),
-                               ("csrc_exact", {"LORA_KERNELS_CSRC_DECODE": "exact"}),
-                               ("csrc_rt1", {"LORA_KERNELS_CSRC_DECODE": "shared", "LORA_KERNELS_CSRC_ROW_TILES": "1"})):
-                row[label] = kernel_time(env, x, q, xa, b, out)
-            for label, path in (("op_csrc", "csrc"), ("op_triton", "fused"), ("op_auto", None)):
-                if path:
-                    os.environ["LORA_KERNELS_PATH"] = path
-                row[label] = timed(lambda: qlora_linear(x, q.packed, state, a, b, 0.5))
-                os.environ.pop("LORA_KERNELS_PATH", None)
-            row["cublas"] = timed(lambda: torch.mm(x, w.t()))
             nbytes = q.packed.numel() + q.absmax.numel() * q.absmax.element_size() + 2 * (m * k + m * n + n * args.r)
+            row = {}
+
+            def kern(decode, lora=True, **env):
+                call = (lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out, decode=decode)) if lora else \
+                    (lambda: csrc.linear_decode_fwd(x, q, None, None, None, 0.5, out=out, decode=decode))
+                return with_env(env, lambda: kernel_us(call))
+
+            for decode in ("exact", "shared", "registers"):
+                row[f"kern_{decode}"] = kern(decode)
+            row["kern_exact_nolora"] = kern("exact", lora=False)
+            row["kern_cublas"] = kernel_us(lambda: torch.mm(x, w.t()))
+            row["wall_exact"] = timed(lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out, decode="exact"))
+            row["wall_cublas"] = timed(lambda: torch.mm(x, w.t()))
+            flat = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+            row["read_wall"] = timed(lambda: flat.sum())
+            del flat
+            for label, path in (("op_auto", None), ("op_dequant", "dequant"), ("op_fused", "fused")):
+                env = {"LORA_KERNELS_PATH": path} if path else {}
+                row[label] = with_env(env, lambda: timed(lambda: qlora_linear(x, q.packed, state, a, b, 0.5)))
             floor = nbytes / (bw * 1e12) * 1e6
-            line = (f"{n},{k},{m},{row['csrc_shared']:.1f},{row['csrc_registers']:.1f},{row['csrc_exact']:.1f},"
-                    f"{row['csrc_rt1']:.1f},{row['op_csrc']:.1f},{row['op_triton']:.1f},{row['op_auto']:.1f},"
-                    f"{row['cublas']:.1f},{floor:.1f},{row['csrc_shared'] / floor:.2f},{row['csrc_exact'] / floor:.2f}")
+            cols = ["kern_exact", "kern_shared", "kern_registers", "kern_exact_nolora", "kern_cublas", "wall_exact",
+                    "wall_cublas", "read_wall", "op_auto", "op_dequant", "op_fused"]
+            line = (f"{n},{k},{m}," + ",".join(f"{row[c]:.1f}" for c in cols) +
+                    f",{floor:.1f},{row['kern_exact'] / floor:.2f},{row['wall_exact'] / row['read_wall']:.2f}")
             print(line, flush=True)
             lines.append(line)
             if (n, k) in sweep:
-                for decode in ("shared", "exact"):
-                    times = {wp: kernel_time({"LORA_KERNELS_CSRC_DECODE": decode, "LORA_KERNELS_CSRC_WARPS": str(wp)},
-                                             x, q, xa, b, out) for wp in (1, 2, 4, 8, 16)}
-                    sweep_lines.append(f"# warps sweep {n}x{k} M={m} {decode}: " +
+                for decode in ("exact", "shared"):
+                    times = {wp: kern(decode, LORA_KERNELS_CSRC_WARPS=str(wp)) for wp in (1, 2, 4, 8, 16)}
+                    sweep_lines.append(f"# warps sweep {n}x{k} M={m} {decode} (kernel us): " +
                                        ", ".join(f"{wp} warps {t:.1f}" for wp, t in times.items()))
                     print(sweep_lines[-1], flush=True)
     if args.csv:

@@ -123,7 +123,7 @@ def test_import_and_backends_survive_a_broken_library(use_lib, tmp_path):
 
 def test_struct_mirror_matches_header(fake):
     assert csrc.status() == dict(found=True, path=os.environ["LORA_KERNELS_CSRC_LIB"], reason=None,
-                                 dispatch="only with LORA_KERNELS_PATH=csrc")
+                                 dispatch="auto (M <= 16)")
     assert fake.lk_args_size() == ctypes.sizeof(csrc.DecodeArgs)
 
 
@@ -153,7 +153,7 @@ def test_marshalling(fake, nested):
     assert (a.bias, a.bias_stride) == (bias.data_ptr(), 2)
     assert (a.out, a.out_row) == (out.data_ptr(), n + 5)
     assert (a.m, a.n, a.k, a.r, a.blocksize) == (m, n, k, r, 128)
-    assert (a.dtype, a.scaling, a.force_generic, a.device, a.decode, a.row_tiles, a.warps) == (0, 0.25, 0, 0, 0, 0, 0)
+    assert (a.dtype, a.scaling, a.force_generic, a.device, a.decode, a.row_tiles, a.warps) == (0, 0.25, 0, 0, 2, 0, 0)
     assert fake.fake_last_stream() == 0x5EED0
 
 
@@ -256,13 +256,15 @@ def test_fused_op_dispatches_to_the_library(fake, monkeypatch):
     monkeypatch.setattr(csrc, "unsupported_reason", lambda x, is_4bit: None if is_4bit else "dense")
     x, packed, state, a, b = _qlora_inputs()
     calls = fake.fake_calls()
+    monkeypatch.setattr(csrc, "AUTO_DISPATCH", False)
     lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
-    assert fake.fake_calls() == calls  # auto leaves the library out until a GPU run has checked it
+    assert fake.fake_calls() == calls  # without auto dispatch, auto leaves the library out
     monkeypatch.setattr(csrc, "AUTO_DISPATCH", True)
     lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
     assert fake.fake_calls() == calls + 1
     got = _last(fake)
     assert (got.m, got.n, got.k, got.r, got.nested, got.dtype, got.scaling) == (3, 32, 64, 4, 1, 0, 0.5)
+    assert got.decode == csrc.DECODES["exact"]  # the default decode: bitsandbytes' roundings
     assert got.xa and got.b and got.bias is None
     monkeypatch.setattr(configs, "DEQUANT_PATH_MIN_M", 1)  # auto takes it whichever Triton path M would take
     lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
