@@ -10,7 +10,8 @@ device's datasheet bandwidth (--bw, TB/s). csrc_* columns are the kernel alone (
 (shared table, register table, exact) and with one 16-row tile per warp; op_csrc, op_triton and op_auto are
 the whole qlora_linear call (rank kernel included) with the csrc forward (its default decode), with
 LORA_KERNELS_PATH=fused and with the default path. --warps-sweep times the shared and exact kernels at
-every fixed warps-per-CTA count for those shapes. Prints one row per case; measured, never predicted.
+every fixed warps-per-CTA count for those shapes (and, at M <= 8, every W prefetch depth); '# launch' lines give
+the CTAs, warps and resident CTAs per SM (CUDA's occupancy calculator) of each decode. Prints one row per case; measured, never predicted.
 """
 import argparse
 import os
@@ -166,12 +167,22 @@ def main():
                     f",{floor:.1f},{row['kern_exact'] / floor:.2f},{row['wall_exact'] / row['read_wall']:.2f}")
             print(line, flush=True)
             lines.append(line)
+            for decode in ("exact", "shared", "registers"):
+                plan = csrc.launch_plan(x, q, xa, b, decode=decode)
+                sweep_lines.append(f"# launch {n}x{k} M={m} {decode}: {plan['ctas']} CTAs of {plan['warps']} warps, "
+                                   f"{plan['resident_per_sm']} resident per SM x {plan['sms']} SMs")
+                print(sweep_lines[-1], flush=True)
             if (n, k) in sweep:
                 for decode in ("exact", "shared"):
                     times = {wp: kern(decode, LORA_KERNELS_CSRC_WARPS=str(wp)) for wp in (1, 2, 4, 8, 16)}
                     sweep_lines.append(f"# warps sweep {n}x{k} M={m} {decode} (kernel us): " +
                                        ", ".join(f"{wp} warps {t:.1f}" for wp, t in times.items()))
                     print(sweep_lines[-1], flush=True)
+                    if m <= 8:
+                        times = {d: kern(decode, LORA_KERNELS_CSRC_DEPTH=str(d)) for d in (1, 2, 4)}
+                        sweep_lines.append(f"# depth sweep {n}x{k} M={m} {decode} (kernel us): " +
+                                           ", ".join(f"{d} steps ahead {t:.1f}" for d, t in times.items()))
+                        print(sweep_lines[-1], flush=True)
     if args.csv:
         with open(args.csv, "w") as f:
             f.write("\n".join(lines + sweep_lines) + "\n")

@@ -13,6 +13,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <set>
+#include <utility>
+
 #include "decode4bit.h"
 #include "lk_csrc.h"
 
@@ -184,20 +188,21 @@ __device__ __forceinline__ void mma_step(const Decode& decode, const uint4& qa, 
 // three steps of W in flight beyond the one it decodes (3 KB per warp: HBM latency times the SM's share of
 // bandwidth is about 30 KB per SM, at 16 warps per SM). Two token tiles (64 registers of x per step) leave
 // room for one step ahead with one row tile and none with two: deeper rings spilled (8-56 B of stack).
-template <int NT, int RT>
+// DEPTH (M <= 8 only, for measurement) overrides the W ring: 1 (no step ahead), 2 or 4.
+template <int NT, int RT, int DEPTH>
 struct Depth {
-  static constexpr int w = RT == 2 ? 1 : NT == 1 ? 4 : 2;
-  static constexpr int x = NT == 1 ? 2 : 1;
+  static constexpr int w = DEPTH ? DEPTH : RT == 2 ? 1 : NT == 1 ? 4 : 2;
+  static constexpr int x = NT == 1 && w % 2 == 0 ? 2 : 1;
 };
 
-template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, int DECODE>
+template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, int DECODE, int DEPTH>
 __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Params p) {
   constexpr bool SMEM = DECODE != kRegisters, EXACT = DECODE == kExact;
   static_assert(!(EXACT && SCALE_AFTER), "the exact decode scales each element before rounding it");
   using T = typename Elem<BF16>::T;
   constexpr int kCtaRows = kRows * RT;  // RT row tiles per warp share each x fragment (M > 8: halves x traffic)
   constexpr int kRed = kMaxWarps * kCtaRows * 16;
-  constexpr int DW = Depth<NT, RT>::w, DX = Depth<NT, RT>::x;
+  constexpr int DW = Depth<NT, RT, DEPTH>::w, DX = Depth<NT, RT, DEPTH>::x;
   static_assert(DW % DX == 0, "the x ring must divide the W ring");
   // SMEM: the 256 byte -> code-pair table, one copy per lane (entry-major, so the 32 lanes of a warp
   // always hit 32 different banks); EXACT: byte -> the two fp32 codes, one copy per lane of a half-warp
@@ -455,47 +460,36 @@ int ilog2_exact(int v) {  // log2 of a power of two, else -1
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-template <bool BF16, int NT, int RT, int DECODE>
-void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
-  const dim3 grid(tiles), block(warps * 32);
-  if constexpr (DECODE == kExact) {  // always scales before rounding
-    if (p.a.nested)
-      decode_fast_kernel<BF16, NT, RT, true, false, kExact><<<grid, block, 0, stream>>>(p);
-    else
-      decode_fast_kernel<BF16, NT, RT, false, false, kExact><<<grid, block, 0, stream>>>(p);
-  } else if (p.a.nested) {
-    if (after)
-      decode_fast_kernel<BF16, NT, RT, true, true, DECODE><<<grid, block, 0, stream>>>(p);
-    else
-      decode_fast_kernel<BF16, NT, RT, true, false, DECODE><<<grid, block, 0, stream>>>(p);
-  } else {
-    if (after)
-      decode_fast_kernel<BF16, NT, RT, false, true, DECODE><<<grid, block, 0, stream>>>(p);
-    else
-      decode_fast_kernel<BF16, NT, RT, false, false, DECODE><<<grid, block, 0, stream>>>(p);
-  }
+using KernelFn = void (*)(Params);
+
+template <bool BF16, int NT, int RT, int DECODE, int DEPTH>
+KernelFn pick_fast(bool nested, bool after) {
+  if constexpr (DECODE == kExact)  // always scales before rounding
+    return nested ? decode_fast_kernel<BF16, NT, RT, true, false, kExact, DEPTH>
+                  : decode_fast_kernel<BF16, NT, RT, false, false, kExact, DEPTH>;
+  else if (nested)
+    return after ? decode_fast_kernel<BF16, NT, RT, true, true, DECODE, DEPTH>
+                 : decode_fast_kernel<BF16, NT, RT, true, false, DECODE, DEPTH>;
+  else
+    return after ? decode_fast_kernel<BF16, NT, RT, false, true, DECODE, DEPTH>
+                 : decode_fast_kernel<BF16, NT, RT, false, false, DECODE, DEPTH>;
 }
 
-template <bool BF16, int NT, int RT>
-void launch_fast(const Params& p, bool after, int tiles, int warps, cudaStream_t stream) {
-  if (p.a.decode == kRegisters)
-    launch_fast<BF16, NT, RT, kRegisters>(p, after, tiles, warps, stream);
-  else if (p.a.decode == kExact)
-    launch_fast<BF16, NT, RT, kExact>(p, after, tiles, warps, stream);
-  else
-    launch_fast<BF16, NT, RT, kShared>(p, after, tiles, warps, stream);
+template <bool BF16, int NT, int RT, int DEPTH>
+KernelFn pick_fast(int decode, bool nested, bool after) {
+  if (decode == kRegisters) return pick_fast<BF16, NT, RT, kRegisters, DEPTH>(nested, after);
+  if (decode == kExact) return pick_fast<BF16, NT, RT, kExact, DEPTH>(nested, after);
+  return pick_fast<BF16, NT, RT, kShared, DEPTH>(nested, after);
 }
+
+// The fast kernel and its launch shape for these arguments.
+struct FastLaunch {
+  KernelFn kernel;
+  int tiles, warps;
+};
 
 template <bool BF16>
-void launch(const Params& p, int path, cudaStream_t stream) {
-  const lk_decode_args& a = p.a;
-  if (path == 0) {
-    const int grid = (a.n + kGenericWarps - 1) / kGenericWarps;
-    decode_generic_kernel<BF16><<<grid, kGenericWarps * 32, 0, stream>>>(p);
-    return;
-  }
-  int sms = 132;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device);
+FastLaunch plan_fast(const lk_decode_args& a, int sms) {
   // M > 8 (two n8 token tiles): two row tiles per warp share each x fragment, which halves the x traffic
   // through L1 (otherwise 4 bytes per packed weight byte, beside the table's 4), when N still gives
   // about one such CTA per SM.
@@ -508,12 +502,49 @@ void launch(const Params& p, int path, cudaStream_t stream) {
   while (warps < kMaxWarps && warps * 2 * tiles <= 16 * sms && warps * 2 <= steps) warps *= 2;
   if (a.warps) warps = a.warps;  // fixed by the caller (measurement)
   const bool after = a.blocksize >= kStep && a.k % kStep == 0;
+  KernelFn k;
   if (rt == 2)
-    launch_fast<BF16, 2, 2>(p, after, tiles, warps, stream);
+    k = pick_fast<BF16, 2, 2, 0>(a.decode, a.nested, after);
   else if (a.m > 8)
-    launch_fast<BF16, 2, 1>(p, after, tiles, warps, stream);
+    k = pick_fast<BF16, 2, 1, 0>(a.decode, a.nested, after);
+  else if (a.depth == 1)
+    k = pick_fast<BF16, 1, 1, 1>(a.decode, a.nested, after);
+  else if (a.depth == 2)
+    k = pick_fast<BF16, 1, 1, 2>(a.decode, a.nested, after);
   else
-    launch_fast<BF16, 1, 1>(p, after, tiles, warps, stream);
+    k = pick_fast<BF16, 1, 1, 0>(a.decode, a.nested, after);
+  return FastLaunch{k, tiles, warps};
+}
+
+// Asks once per kernel and device for the largest shared-memory carveout: the table kernels hold 33 KB per
+// CTA, and a smaller carveout would leave fewer CTAs resident than registers allow (a second wave).
+void prefer_shared(KernelFn k, int device) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.insert({reinterpret_cast<const void*>(k), device}).second &&
+      cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) !=
+          cudaSuccess)
+    cudaGetLastError();  // a hint only: clear it so the launch's own status is what callers see
+}
+
+int multiprocessors(int device) {
+  int sms = 132;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+template <bool BF16>
+void launch(const Params& p, int path, cudaStream_t stream) {
+  const lk_decode_args& a = p.a;
+  if (path == 0) {
+    const int grid = (a.n + kGenericWarps - 1) / kGenericWarps;
+    decode_generic_kernel<BF16><<<grid, kGenericWarps * 32, 0, stream>>>(p);
+    return;
+  }
+  const FastLaunch f = plan_fast<BF16>(a, multiprocessors(a.device));
+  prefer_shared(f.kernel, a.device);
+  f.kernel<<<f.tiles, f.warps * 32, 0, stream>>>(p);
 }
 
 }  // namespace
@@ -551,6 +582,7 @@ int lk_decode_path(const lk_decode_args* a) {
   if (a->row_tiles < 0 || a->row_tiles > 2) return -1;
   if (a->decode < kShared || a->decode > kExact) return -1;
   if (a->warps < 0 || a->warps > kMaxWarps || (a->warps & (a->warps - 1))) return -1;
+  if (a->depth != 0 && a->depth != 1 && a->depth != 2 && a->depth != 4) return -1;
   if (a->force_generic) return 0;
   // The fast kernel's steps pair lanes over 64 elements of one block: K % 64 == 0, blocksize >= 64.
   const bool fast = a->k % 64 == 0 && ilog2_exact(a->blocksize) >= 6 &&
@@ -583,5 +615,25 @@ int lk_linear_decode_fwd(const lk_decode_args* args, void* stream) {
 }
 
 const char* lk_last_cuda_error(void) { return cudaGetErrorString(g_last_error); }
+
+int lk_fast_launch(const lk_decode_args* args, int* out) {
+  const int path = lk_decode_path(args);
+  if (path < 0) return LK_BAD_ARGUMENT;
+  if (path == 0) {
+    out[0] = out[1] = out[2] = out[3] = 0;
+    return LK_OK;
+  }
+  int previous = -1;
+  if ((g_last_error = cudaGetDevice(&previous)) != cudaSuccess) return LK_CUDA_ERROR;
+  if (previous != args->device && (g_last_error = cudaSetDevice(args->device)) != cudaSuccess) return LK_CUDA_ERROR;
+  const int sms = multiprocessors(args->device);
+  const FastLaunch f = args->dtype == LK_BF16 ? plan_fast<true>(*args, sms) : plan_fast<false>(*args, sms);
+  prefer_shared(f.kernel, args->device);
+  int resident = 0;
+  g_last_error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, f.kernel, f.warps * 32, 0);
+  if (previous != args->device) cudaSetDevice(previous);
+  out[0] = f.tiles, out[1] = f.warps, out[2] = resident, out[3] = sms;
+  return g_last_error == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
+}
 
 }  // extern "C"

@@ -51,6 +51,7 @@ typedef struct lk_decode_args {
                       // first), 2 exact: fp32 code * fp32 scale rounded once per element, as bitsandbytes
   int32_t row_tiles;  // 16-row tiles per warp in the fast kernel: 0 auto, 1, or 2 (M > 8 only)
   int32_t warps;      // warps per CTA in the fast kernel: 0 auto, else a power of two up to 16
+  int32_t depth;      // steps of W loaded ahead in the M <= 8 kernel (measurement): 0 auto (4), 1, 2 or 4
 } lk_decode_args;
 
 LK_API int lk_abi_version(void);
@@ -61,6 +62,9 @@ LK_API const char* lk_last_cuda_error(void);  // this thread's last CUDA error i
 LK_API int lk_linear_decode_fwd(const lk_decode_args* args, void* stream);
 // Which kernel lk_linear_decode_fwd would launch for these args: 1 fast, 0 generic, <0 bad args.
 LK_API int lk_decode_path(const lk_decode_args* args);
+// The fast kernel's launch for these args (for measurement): out[0] CTAs, out[1] warps per CTA, out[2] CTAs
+// resident per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor), out[3] SMs; zeros for the generic kernel.
+LK_API int lk_fast_launch(const lk_decode_args* args, int* out);
 
 #ifdef __cplusplus
 }

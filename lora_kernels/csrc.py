@@ -46,7 +46,7 @@ class DecodeArgs(ctypes.Structure):
         ("blocksize", ctypes.c_int32), ("blocksize2", ctypes.c_int32), ("nested", ctypes.c_int32),
         ("dtype", ctypes.c_int32), ("scaling", ctypes.c_float), ("force_generic", ctypes.c_int32),
         ("device", ctypes.c_int32), ("decode", ctypes.c_int32), ("row_tiles", ctypes.c_int32),
-        ("warps", ctypes.c_int32),
+        ("warps", ctypes.c_int32), ("depth", ctypes.c_int32),
     ]
 
 
@@ -83,6 +83,8 @@ def _load() -> dict:
         lib.lk_linear_decode_fwd.argtypes = [ctypes.POINTER(DecodeArgs), ctypes.c_void_p]
         lib.lk_decode_path.restype = ctypes.c_int
         lib.lk_decode_path.argtypes = [ctypes.POINTER(DecodeArgs)]
+        lib.lk_fast_launch.restype = ctypes.c_int
+        lib.lk_fast_launch.argtypes = [ctypes.POINTER(DecodeArgs), ctypes.POINTER(ctypes.c_int)]
     except AttributeError as e:
         return dict(lib=None, path=path, reason=f"{path} lacks a symbol of the C ABI: {e}")
     version, size = lib.lk_abi_version(), lib.lk_args_size()
@@ -190,6 +192,13 @@ def _row_tiles() -> int:
     return int(value or 0)
 
 
+def _depth() -> int:
+    value = os.environ.get("LORA_KERNELS_CSRC_DEPTH", "").strip()
+    if value not in ("", "0", "1", "2", "4"):
+        raise ValueError(f"LORA_KERNELS_CSRC_DEPTH must be 1, 2 or 4 (or unset), got {value!r}")
+    return int(value or 0)
+
+
 def _warps() -> int:
     value = os.environ.get("LORA_KERNELS_CSRC_WARPS", "").strip()
     if value not in ("", "0", "1", "2", "4", "8", "16"):
@@ -208,12 +217,40 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
 
     x [M, K] bf16/fp16 with M <= 16; q a lora_kernels.nf4.Quant4bit; xa [M, r] and b [N, r] in x's dtype
     (or both None); bias [N] or None; out [M, N] in x's dtype with unit inner stride (allocated if None).
-    force_generic runs the element-wise kernel (tests). decode: the fast kernel's decode, "shared" (256 byte ->
-    code-pair entries in shared memory, the default), "registers" (16 codes, PRMT) or "exact" (fp32 code * fp32
-    scale rounded once per element, bitsandbytes' weights bit for bit); default from LORA_KERNELS_CSRC_DECODE.
+    force_generic runs the element-wise kernel (tests). decode: the fast kernel's decode, "exact" (fp32 code *
+    fp32 scale rounded once per element: bitsandbytes' weights bit for bit, the default), "shared" (256 byte ->
+    code-pair entries in shared memory) or "registers" (16 codes, PRMT), both rounding the codes to the dtype
+    first; default from LORA_KERNELS_CSRC_DECODE.
     For measuring: LORA_KERNELS_CSRC_ROW_TILES=1|2 fixes the 16-row tiles per warp at M > 8 (default: chosen
-    by N), LORA_KERNELS_CSRC_WARPS=1..16 the warps per CTA (default: as many as keep one wave).
+    by N), LORA_KERNELS_CSRC_WARPS=1..16 the warps per CTA (default: as many as keep one wave),
+    LORA_KERNELS_CSRC_DEPTH=1|2|4 the 128-wide steps of W loaded ahead at M <= 8 (default 4).
     """
+    args, out, lib = _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode)
+    rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(x.device)))
+    if rc != 0:
+        detail = lib.lk_status_string(rc).decode()
+        if rc == 2:
+            detail += f": {lib.lk_last_cuda_error().decode()}"
+        raise RuntimeError(f"lk_linear_decode_fwd returned {rc} ({detail}) for x {tuple(x.shape)} {x.dtype}, "
+                           f"weight {args.n}x{args.k} blocksize {q.blocksize}{' nested' if q.nested else ''}, "
+                           f"r={args.r}")
+    return out
+
+
+def launch_plan(x: torch.Tensor, q, xa: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None,
+                decode: Optional[str] = None) -> dict:
+    """How linear_decode_fwd would launch for these arguments (measurement): {'ctas', 'warps',
+    'resident_per_sm' (CUDA's occupancy calculator), 'sms'}; all 0 when the generic kernel would run."""
+    args, _, lib = _decode_args(x, q, xa, b, None, 1.0, None, False, decode)
+    got = (ctypes.c_int * 4)()
+    rc = lib.lk_fast_launch(ctypes.byref(args), got)
+    if rc != 0:
+        raise RuntimeError(f"lk_fast_launch returned {rc} ({lib.lk_status_string(rc).decode()})")
+    return dict(ctas=got[0], warps=got[1], resident_per_sm=got[2], sms=got[3])
+
+
+def _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode):
+    """(lk_decode_args, out, library) after checking every argument."""
     decode = decode or os.environ.get("LORA_KERNELS_CSRC_DECODE", "").strip().lower() or DEFAULT_DECODE
     if decode not in DECODES:
         raise ValueError(f"decode (LORA_KERNELS_CSRC_DECODE) must be one of {sorted(DECODES)}, got {decode!r}")
@@ -281,13 +318,6 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
         m=m, n=n, k=k, r=r, blocksize=q.blocksize, blocksize2=q.blocksize2 if q.nested else 0,
         nested=int(q.nested), dtype=_DTYPES[x.dtype], scaling=float(scaling), force_generic=int(force_generic),
         device=device.index if device.index is not None else 0, decode=DECODES[decode],
-        row_tiles=_row_tiles(), warps=_warps(),
+        row_tiles=_row_tiles(), warps=_warps(), depth=_depth(),
     )
-    rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(device)))
-    if rc != 0:
-        detail = lib.lk_status_string(rc).decode()
-        if rc == 2:
-            detail += f": {lib.lk_last_cuda_error().decode()}"
-        raise RuntimeError(f"lk_linear_decode_fwd returned {rc} ({detail}) for x {tuple(x.shape)} {x.dtype}, "
-                           f"weight {n}x{k} blocksize {q.blocksize}{' nested' if q.nested else ''}, r={r}")
-    return out
+    return args, out, lib

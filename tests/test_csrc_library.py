@@ -47,13 +47,14 @@ def test_fast_or_generic(lib):
     assert path(lib, m=2, x_row=4100) == 0                                  # x rows not 16-byte aligned
     assert path(lib, nested=1, blocksize2=100, code2=1, absmax2=1, offset=1) == 0
     assert path(lib, force_generic=1) == 0
-    assert path(lib, decode=2) == path(lib, decode=1) == path(lib, warps=16) == 1  # exact / registers / fixed warps
+    assert path(lib, decode=2) == path(lib, decode=1) == path(lib, warps=16) == path(lib, depth=1) == 1
 
 
 def test_bad_arguments(lib):
     for bad in (dict(m=0), dict(m=17), dict(n=0), dict(k=0), dict(dtype=2), dict(x=0), dict(out=0),
                 dict(r=4), dict(nested=1, blocksize2=256), dict(n=65536, k=32768), dict(device=-1), dict(row_tiles=3),
-                dict(decode=3), dict(decode=-1), dict(warps=3), dict(warps=32), dict(warps=-1)):
+                dict(decode=3), dict(decode=-1), dict(warps=3), dict(warps=32), dict(warps=-1),
+                dict(depth=3), dict(depth=8)):
         assert path(lib, **bad) < 0, bad
         assert lib.lk_linear_decode_fwd(ctypes.byref(args(**bad)), None) == 1, bad
 
@@ -61,4 +62,7 @@ def test_bad_arguments(lib):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path of a machine without a GPU")
 def test_no_gpu_is_a_cuda_error(lib):
     assert lib.lk_linear_decode_fwd(ctypes.byref(args()), None) == 2
+    out = (ctypes.c_int * 4)()
+    assert lib.lk_fast_launch(ctypes.byref(args()), out) == 2  # the occupancy query needs a device too
+    assert lib.lk_fast_launch(ctypes.byref(args(m=0)), out) == 1
     assert lib.lk_last_cuda_error().decode()  # the CUDA runtime's own message

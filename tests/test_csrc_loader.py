@@ -30,6 +30,9 @@ int lk_args_size(void) { return (int)sizeof(lk_decode_args); }
 const char* lk_status_string(int s) { return s == 0 ? "ok" : "fake failure"; }
 const char* lk_last_cuda_error(void) { return "fake cuda error"; }
 int lk_decode_path(const lk_decode_args* a) { return a->m <= 16 ? 1 : -1; }
+int lk_fast_launch(const lk_decode_args* a, int* out) {
+  last = *a; out[0] = (a->n + 15) / 16; out[1] = 4; out[2] = 4; out[3] = 132; return 0;
+}
 int lk_linear_decode_fwd(const lk_decode_args* a, void* stream) {
   last = *a; last_stream = stream; ++calls; return next_status;
 }
@@ -290,3 +293,17 @@ def test_forced_csrc_without_the_library_raises(use_lib, monkeypatch, tmp_path):
     monkeypatch.setattr(csrc, "unsupported_reason", lambda x, is_4bit: None)
     with pytest.raises(RuntimeError, match="CUDA library is unavailable: not found"):
         lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)
+
+
+def test_launch_plan_and_depth(fake, monkeypatch):
+    packed, state, _ = quantized(64, 128, nested=False)
+    q = read_quant_state(packed, state)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    assert csrc.launch_plan(x, q) == dict(ctas=4, warps=4, resident_per_sm=4, sms=132)
+    assert _last(fake).decode == csrc.DECODES["exact"] and _last(fake).n == 64
+    monkeypatch.setenv("LORA_KERNELS_CSRC_DEPTH", "2")
+    csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
+    assert _last(fake).depth == 2
+    monkeypatch.setenv("LORA_KERNELS_CSRC_DEPTH", "3")
+    with pytest.raises(ValueError, match="DEPTH"):
+        csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
