@@ -7,7 +7,7 @@ SASS_FILE: `cuobjdump --dump-sass`; counts the main loop of each fast decode ker
 RES_FILE: `cuobjdump --dump-resource-usage`; prints registers per kernel, fails on stack or local memory
 (spills).
 
-The main loop is the backward branch whose body holds the HMMAs. Each lane feeds one
+The main loop is the backward branch whose body holds the most HMMAs per instruction. Each lane feeds one
 m16n8k16 MMA per 8 weight elements per n8 token tile, so elements per lane = 8 * HMMA / NT
 (whatever the row tiles per warp).
 Reports instructions per weight element (per lane) by kernel and arch; exits 1 over budget.
@@ -40,7 +40,9 @@ def parse(text):
 
 
 def main_loop(ins):
-    """(body, opcode counter) of the innermost backward-branch loop holding HMMAs, or None."""
+    """(body, opcode counter) of the backward-branch loop with the most HMMAs per instruction, or None: the
+    main loop. (Not simply the innermost: nvcc may place a cold exit path after the epilogue that branches
+    back into the unrolled loop, which makes a smaller "loop" holding epilogue code and only one step.)"""
     index = {a: i for i, (a, _) in enumerate(ins)}
     best = None
     for i, (a, s) in enumerate(ins):
@@ -52,18 +54,19 @@ def main_loop(ins):
             continue
         body = [x for _, x in ins[index[target]:i + 1]]
         ops = [re.sub(r"^@!?U?P[T0-9]+\s+", "", x).split()[0] for x in body]
-        if any(o.startswith("HMMA") for o in ops) and (best is None or len(body) < len(best[0])):
-            best = (body, Counter(o.split(".")[0] for o in ops))
-    return best
+        hmma = sum(o.startswith("HMMA") for o in ops)
+        if hmma and (best is None or hmma / len(body) > best[2]):
+            best = (body, Counter(o.split(".")[0] for o in ops), hmma / len(body))
+    return best and best[:2]
 
 
 def demangled_flags(name):
-    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELi(\d)ELb(\d)ELb(\d)ELi(\d)E", name)
+    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELi(\d)ELb(\d)ELb(\d)ELi(\d)ELi(\d)E", name)
     if not m:
         return None
-    bf16, nt, rt, nested, after, decode = (int(g) for g in m.groups())
+    bf16, nt, rt, nested, after, decode, depth = (int(g) for g in m.groups())
     return dict(dtype="bf16" if bf16 else "fp16", nt=nt, rt=rt, nested=bool(nested), scale_after=bool(after),
-                smem=decode == 0, exact=decode == 2)
+                smem=decode == 0, exact=decode == 2, depth=depth)
 
 
 def label(name):
@@ -74,7 +77,8 @@ def label(name):
     table = "smem-table" if f["smem"] else "exact" if f["exact"] else "prmt-table"
     return (f"fast {table} {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} "
             f"{f['rt'] * 16}-row "
-            f"{'nested' if f['nested'] else 'fp32-absmax'} {'scale-after' if f['scale_after'] else 'prescaled'}")
+            f"{'nested' if f['nested'] else 'fp32-absmax'} {'scale-after' if f['scale_after'] else 'prescaled'}"
+            + (f" depth {f['depth']}" if f["depth"] else ""))
 
 
 def check_resources(text):

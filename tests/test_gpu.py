@@ -99,3 +99,24 @@ def test_decode_shapes_on_cuda():
         y32 = reference.lora_linear_ref(x, w, a, b, 2.0, upcast=torch.float32)
         y_nat = reference.lora_linear_ref(x, w, a, b, 2.0)
         assert_close_to_oracle(y, y32, y_nat, what=f"M={m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_csrc_exact_decode_gives_bitsandbytes_weights(dtype, quant_type):
+    """The csrc kernel's exact decode against bitsandbytes' own CUDA dequantize (the independent oracle): one-hot
+    rows of x pick columns of W with no rounding on the way, so they must come back bit for bit."""
+    from lora_kernels import csrc
+    from lora_kernels.nf4 import read_quant_state
+
+    if not csrc.available():
+        pytest.skip(f"csrc library not available: {csrc.status()['reason']}")
+    n, k, m = 512 + 16, 1024 + 64, 16
+    packed, state, w = quantized(n, k, dtype=dtype, quant_type=quant_type, device="cuda")
+    q = read_quant_state(packed, state)
+    got = torch.empty_like(w)
+    for k0 in range(0, k, m):
+        x = torch.zeros(m, k, device="cuda", dtype=dtype)
+        x[torch.arange(m, device="cuda"), torch.arange(k0, k0 + m, device="cuda")] = 1
+        got[:, k0:k0 + m] = csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode="exact").t()
+    assert torch.equal(got, w), f"{(got != w).sum().item()} of {w.numel()} weights differ"
