@@ -13,10 +13,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <mutex>
-#include <set>
-#include <utility>
-
 #include "decode4bit.h"
 #include "lk_csrc.h"
 
@@ -125,29 +121,17 @@ __device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, u
 }
 
 // y = acc + scaling * xa[m] . b[n] + bias[n], rounded once to the dtype.
-// xa[m] . b[n] in fp32; unrolled so that the loads of several j go out together.
-template <bool BF16>
-__device__ __forceinline__ float lora_dot(const lk_decode_args& a, int m, int n) {
-  using E = Elem<BF16>;
-  float l = 0.f;
-#pragma unroll 8
-  for (int j = 0; j < a.r; ++j)
-    l = fmaf(E::load(a.xa, m * a.xa_row + j * a.xa_col), E::load(a.b, n * a.b_row + j * a.b_col), l);
-  return l;
-}
-
-// y = acc + scaling * l + bias, rounded once to the dtype (l = xa[m] . b[n], bias = bias[n] or 0).
-template <bool BF16>
-__device__ __forceinline__ void store_out(const lk_decode_args& a, int m, int n, float acc, float l, float bias) {
-  if (a.r > 0) acc = fmaf(a.scaling, l, acc);
-  if (a.bias) acc += bias;
-  Elem<BF16>::store(a.out, m * a.out_row + n, acc);
-}
-
 template <bool BF16>
 __device__ __forceinline__ void epilogue(const lk_decode_args& a, int m, int n, float acc) {
-  store_out<BF16>(a, m, n, acc, a.r > 0 ? lora_dot<BF16>(a, m, n) : 0.f,
-                  a.bias ? Elem<BF16>::load(a.bias, n * a.bias_stride) : 0.f);
+  using E = Elem<BF16>;
+  if (a.r > 0) {
+    float l = 0.f;
+    for (int j = 0; j < a.r; ++j)
+      l = fmaf(E::load(a.xa, m * a.xa_row + j * a.xa_col), E::load(a.b, n * a.b_row + j * a.b_col), l);
+    acc = fmaf(a.scaling, l, acc);
+  }
+  if (a.bias) acc += E::load(a.bias, n * a.bias_stride);
+  E::store(a.out, m * a.out_row + n, acc);
 }
 
 // One 128-wide step of a warp: 64 weight elements per lane (32 of row g, 32 of row g+8).
@@ -221,10 +205,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   // (a 64-bit load serves 16 lanes at a time). Afterwards the split-K partial sums. Else only the latter.
   __shared__ __align__(16) uint32_t smem[SMEM && kTableWords > kRed ? kTableWords : kRed];
   float(*red)[kCtaRows][16] = reinterpret_cast<float(*)[kCtaRows][16]>(smem);
-  // The LoRA dot products and the bias of this CTA's outputs, computed while the first W loads are in
-  // flight rather than after the main loop (where their loads' latency was not hidden: ~3.5 us of 29.8 at
-  // 8192x8192 M = 1 on the H200).
-  __shared__ float lora_s[kCtaRows * 16], bias_s[kCtaRows];
   const lk_decode_args& a = p.a;
   const int K = a.k;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -324,11 +304,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   for (int d = 0; d < DX - 1; ++d)
     if (d < nfull) issue_x(xr[d], true);
 
-  for (int e = threadIdx.x; e < kCtaRows * a.m; e += blockDim.x) {
-    const int row = e % kCtaRows, tok = e / kCtaRows, n = min(row0 + row, a.n - 1);
-    if (a.r > 0) lora_s[e] = lora_dot<BF16>(a, tok, n);
-    if (a.bias && tok == 0) bias_s[row] = Elem<BF16>::load(a.bias, n * a.bias_stride);
-  }
   const lk::Table tab = lk::make_table<BF16>(a.code);
   if (EXACT) {
     for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
@@ -435,7 +410,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
     if (n >= a.n) continue;
     float s = 0.f;
     for (int w = 0; w < nwarps; ++w) s += red[w][row][tok];
-    store_out<BF16>(a, tok, n, s, a.r > 0 ? lora_s[e] : 0.f, a.bias ? bias_s[row] : 0.f);
+    epilogue<BF16>(a, tok, n, s);
   }
 }
 
@@ -537,18 +512,6 @@ FastLaunch plan_fast(const lk_decode_args& a, int sms) {
   return FastLaunch{k, tiles, warps};
 }
 
-// Asks once per kernel and device for the largest shared-memory carveout: the table kernels hold 33 KB per
-// CTA, and a smaller carveout would leave fewer CTAs resident than registers allow (a second wave).
-void prefer_shared(KernelFn k, int device) {
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
-  std::lock_guard<std::mutex> lock(mu);
-  if (done.insert({reinterpret_cast<const void*>(k), device}).second &&
-      cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) !=
-          cudaSuccess)
-    cudaGetLastError();  // a hint only: clear it so the launch's own status is what callers see
-}
-
 int multiprocessors(int device) {
   int sms = 132;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -564,7 +527,6 @@ void launch(const Params& p, int path, cudaStream_t stream) {
     return;
   }
   const FastLaunch f = plan_fast<BF16>(a, multiprocessors(a.device));
-  prefer_shared(f.kernel, a.device);
   f.kernel<<<f.tiles, f.warps * 32, 0, stream>>>(p);
 }
 
@@ -649,7 +611,6 @@ int lk_fast_launch(const lk_decode_args* args, int* out) {
   if (previous != args->device && (g_last_error = cudaSetDevice(args->device)) != cudaSuccess) return LK_CUDA_ERROR;
   const int sms = multiprocessors(args->device);
   const FastLaunch f = args->dtype == LK_BF16 ? plan_fast<true>(*args, sms) : plan_fast<false>(*args, sms);
-  prefer_shared(f.kernel, args->device);
   int resident = 0;
   g_last_error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, f.kernel, f.warps * 32, 0);
   if (previous != args->device) cudaSetDevice(previous);
