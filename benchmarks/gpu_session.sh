@@ -17,6 +17,7 @@ export LORA_KERNELS_COMMIT=${LORA_KERNELS_COMMIT:-$(git rev-parse --short=12 HEA
   python3 -c "import torch, triton, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'bnb', b.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+# At most 8 files come back from a device call: the csrc tests share gpu-tests.log, the sweep shares probe.txt.
 timeout "${TEST_S:-120}" python3 -m pytest -q -rs --durations=15 -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests: exit $?"; tail -n 25 "$OUT/gpu-tests.log"
 # host time per layer call and the kernel table of one forward + backward (benchmarks/gpu_probe.py)
@@ -26,14 +27,16 @@ echo "probe: exit $?"; grep -E "pieces|===" "$OUT/probe.txt"
 # the fused 4-bit forward per config, code lookup from registers (configs.CODE_REGS) and gathered, pipelined
 # (the autotune list) and one stage, beside dequantize + cuBLAS: the data for configs.DEQUANT_PATH_MIN_M
 timeout "${SWEEP_S:-90}" python3 benchmarks/gpu_probe.py --sweep 8192x8192x1,8192x8192x16,8192x8192x4096 \
-  --configs 16x64x128w4s4,16x64x128w4s1,128x128x64w8s3 --code regs,gather > "$OUT/sweep.txt" 2>&1
-echo "sweep: exit $?"; cat "$OUT/sweep.txt"
+  --configs 16x64x128w4s4,16x64x128w4s1,128x128x64w8s3 --code regs,gather >> "$OUT/probe.txt" 2>&1
+echo "sweep: exit $?"; grep -A7 "=== sweep" "$OUT/probe.txt"
 # csrc/ (only when lora_kernels/_csrc*.so was built on the CPU machine and carried): tests, then timings
 if ls lora_kernels/_csrc*.so >/dev/null 2>&1; then
-  timeout "${CSRC_TEST_S:-60}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_csrc_gpu.py > "$OUT/csrc-tests.log" 2>&1
-  echo "csrc tests: exit $?"; tail -n 15 "$OUT/csrc-tests.log"
-  timeout "${CSRC_BENCH_S:-70}" python3 csrc/bench_decode.py > "$OUT/csrc-decode.txt" 2>&1
-  echo "csrc bench: exit $?"; cat "$OUT/csrc-decode.txt"
+  { echo "=== tests/test_csrc_gpu.py"
+    timeout "${CSRC_TEST_S:-45}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_csrc_gpu.py; } >> "$OUT/gpu-tests.log" 2>&1
+  echo "csrc tests: exit $?"; tail -n 5 "$OUT/gpu-tests.log"
+  timeout "${CSRC_BENCH_S:-110}" python3 csrc/bench_decode.py --warps-sweep 8192x8192 --csv "$OUT/csrc-decode.csv" 2>&1 \
+    | grep -v -i warn
+  echo "csrc bench: exit ${PIPESTATUS[0]}"
 fi
 timeout "${BENCH_S:-150}" python3 -m lora_kernels.cli bench --quick --time-limit $(( ${BENCH_S:-150} - 60 )) \
   --csv "$OUT/bench.csv" --plot "$OUT/bench.png" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
