@@ -1,7 +1,8 @@
 """Host time per qlora_linear call on the GPU code path, measured on a CPU machine: the Triton path runs
 through the interpreter with every kernel launch stubbed out, so what is timed is our Python, the PyTorch ops
 around the kernels (small matmuls included, on CPU) and the autograd machinery, not Triton's launcher or any
-kernel. A CPU proxy for the host-time figures of benchmarks/results/h200-probe-2026-11-29.md; measured.
+kernel. A CPU proxy for the host-time figures of benchmarks/results/h200-probe-2026-11-29.md; measured. The
+last lines time a decode-shape call without gradients on the dequantize and csrc paths (a fake library).
 
     python benchmarks/host_time_cpu.py          # from the project root
 """
@@ -51,6 +52,50 @@ def main():
                         fn(p)
                     runs.append((time.perf_counter() - t0) / 200 * 1e6)
                 print(f"  {path:8s} dropout {p:<4} {name:8s} {statistics.median(runs):7.1f}")
+    inference(packed, state, a.detach(), b.detach())
+
+
+def _median_us(fn, calls=300, runs=7):
+    for _ in range(30):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
+
+
+def inference(packed, state, a, b):
+    """A decode-shape call without gradients (generation), on the dequantize path and on the csrc path with
+    the tests' fake library standing in for the CUDA one (its launch is a no-op C call)."""
+    import subprocess
+    import tempfile
+
+    from lora_kernels import csrc
+    from tests.test_csrc_loader import FAKE
+
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    print("host us per call, no grad, M = 1, r = 8 (median of 7 x 300 calls)")
+    os.environ["LORA_KERNELS_PATH"] = "dequant"
+    with torch.no_grad():
+        print(f"  dequant  {_median_us(lambda: lk.qlora_linear(x, packed, state, a, b, 0.5)):7.1f}")
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = os.path.join(d, "fake.c"), os.path.join(d, "fake.so")
+        with open(src, "w") as f:
+            f.write(FAKE)
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+        subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", "-I", os.path.join(root, "csrc"), src, "-o", lib],
+                       check=True)
+        os.environ["LORA_KERNELS_CSRC_LIB"] = lib
+        csrc.reset()
+        csrc._check_device = lambda t, name, device: None  # CPU tensors through the CUDA-only seams
+        csrc._current_stream = lambda device: 0
+        csrc.unsupported_reason = lambda x, is_4bit: None
+        os.environ["LORA_KERNELS_PATH"] = "auto"
+        with torch.no_grad():
+            print(f"  csrc     {_median_us(lambda: lk.qlora_linear(x, packed, state, a, b, 0.5)):7.1f}  (fake library)")
 
 
 if __name__ == "__main__":

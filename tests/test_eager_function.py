@@ -87,3 +87,29 @@ def test_saved_tensor_hooks_see_the_activation():
     assert tuple(x.shape) in [tuple(s) for s in packed]
     y.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_leaf_needs_grad"])
+def test_calls_without_gradients_skip_the_function(monkeypatch, backend, mode):
+    """Nothing to differentiate (generation, evaluation): the forward runs without the autograd.Function, with the
+    same bits as through it; a call that needs gradients still takes it."""
+    applied = []
+    real = fused_linear._LinearFunction.apply
+    monkeypatch.setattr(fused_linear._LinearFunction, "apply", lambda *args: applied.append(1) or real(*args))
+    fn, tensors = _inputs(False, True)
+    x, a, b, bb = (t.detach() for t in tensors)
+    torch.manual_seed(5)
+    want = fn(x.requires_grad_(), a, b, bb)  # through the Function (x needs a gradient)
+    assert applied == [1] and want.grad_fn is not None
+    x = x.detach()
+    torch.manual_seed(5)
+    if mode == "no_grad":
+        with torch.no_grad():
+            got = fn(x.requires_grad_(), a.requires_grad_(), b, bb)
+    elif mode == "inference_mode":
+        with torch.inference_mode():
+            got = fn(x, a, b, bb)
+    else:
+        got = fn(x, a, b, bb)
+    assert applied == [1] and got.grad_fn is None and not got.requires_grad
+    assert torch.equal(got, want.detach())

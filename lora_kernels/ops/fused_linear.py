@@ -406,7 +406,10 @@ def _run(x, k, n, weight, qmeta, qints, lora_A, lora_B, scaling, bias, dropout_p
     p, seed = _draw_seed(dropout_p, training, lora_A)
     x2 = _int32_span(x.reshape(-1, k))  # the op saves this x for backward, so both directions read it safely
     if _eager(x2, weight, lora_A, lora_B, bias):
-        y = _LinearFunction.apply(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, lora_A, lora_B, bias)):
+            y = _LinearFunction.apply(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
+        else:  # nothing to differentiate (inference, generation): the Function's bookkeeping would be host time only
+            y, _ = _linear_fwd_impl(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
     else:
         y, _ = _linear_fwd(x2, weight, qmeta, qints, lora_A, lora_B, bias, scaling, p, seed)
     return y.reshape(*x.shape[:-1], n)
