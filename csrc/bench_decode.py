@@ -1,17 +1,20 @@
-"""Times the csrc decode kernel on a GPU beside the Triton fused path and dense cuBLAS bf16.
+"""Times the csrc decode kernel on a GPU beside cuBLAS bf16 and the op's other paths; measured, never predicted.
 
-    python csrc/bench_decode.py [--shapes 8192x8192,4096x14336,14336x4096,1024x4096] [--m 1,16] [--r 16]
+    python csrc/bench_decode.py [--shapes 8192x8192,4096x14336,...] [--m 1,16] [--r 16]
                                 [--warps-sweep 8192x8192] [--csv FILE]
 
-For a GPU session: needs lora_kernels/_csrc*.so (built on a CPU machine and carried over) and CUDA.
-Weights are random 4-bit data (no bitsandbytes needed). Each time is the median of CUDA-event timings
-with the L2 flushed before every run; "floor" is the packed weight + scales + activations at the
-device's datasheet bandwidth (--bw, TB/s). csrc_* columns are the kernel alone (xa given), by decode
-(shared table, register table, exact) and with one 16-row tile per warp; op_csrc, op_triton and op_auto are
-the whole qlora_linear call (rank kernel included) with the csrc forward (its default decode), with
-LORA_KERNELS_PATH=fused and with the default path. --warps-sweep times the shared and exact kernels at
-every fixed warps-per-CTA count for those shapes (and, at M <= 8, every W prefetch depth); '# launch' lines give
-the CTAs, warps and resident CTAs per SM (CUDA's occupancy calculator) of each decode. Prints one row per case; measured, never predicted.
+Needs lora_kernels/_csrc*.so (built on a CPU machine and carried over) and CUDA; the weights are random nested
+NF4-layout data (no bitsandbytes needed). The L2 is flushed by a read before every run. Columns, all in us:
+- kern_*: kernel device time from torch.profiler, per decode (exact, shared, registers), the exact decode
+  without LoRA and bias, the loads alone (no decode or MMA; M <= 8, else nan), and cuBLAS bf16 on a dense W;
+- wall_*: CUDA-event time of the kernel call (launch latency included); read_wall: torch.sum over as many
+  bytes as the kernel reads;
+- op_auto / op_dequant / op_fused: CUDA-event time of the whole qlora_linear call (host time included) on the
+  default path (csrc at M <= 16 when built), LORA_KERNELS_PATH=dequant and =fused (the Triton decode path);
+- floor: the bytes (packed W, scales, x, y, B) at the datasheet bandwidth (--bw, TB/s).
+'# launch' lines give each decode's CTAs, warps per CTA and resident CTAs per SM (CUDA's occupancy calculator);
+--warps-sweep adds the shared and exact kernels at every warps-per-CTA count and, at M <= 8, every W prefetch
+depth, for the shapes named.
 """
 import argparse
 import os
@@ -111,8 +114,8 @@ def main():
     lines = [f"# {name}, torch {torch.__version__}; us; kern_* = kernel device time (torch.profiler), wall_* and op_* ="
              f" CUDA-event time (launch latency and, for op_*, host time included), L2 flushed by a read before"
              f" each run; floor = bytes at {bw} TB/s; read_wall = event time of torch.sum over as many bytes",
-             "n,k,m,kern_exact,kern_shared,kern_registers,kern_exact_nolora,kern_cublas,wall_exact,wall_cublas,"
-             "read_wall,op_auto,op_dequant,op_fused,floor,kern_exact_vs_floor,wall_exact_vs_read"]
+             "n,k,m,kern_exact,kern_shared,kern_registers,kern_exact_nolora,kern_loads_only,kern_cublas,wall_exact,"
+             "wall_cublas,read_wall,op_auto,op_dequant,op_fused,floor,kern_exact_vs_floor,wall_exact_vs_read"]
     print("\n".join(lines), flush=True)
 
     def with_env(env, fn):
@@ -151,6 +154,8 @@ def main():
             for decode in ("exact", "shared", "registers"):
                 row[f"kern_{decode}"] = kern(decode)
             row["kern_exact_nolora"] = kern("exact", lora=False)
+            # the same loads, scales, reduction and epilogue without decode or MMA (M <= 8 only; nan above)
+            row["kern_loads_only"] = kernel_us(lambda: csrc.loads_only_fwd(x, q, xa, b, out)) if m <= 8 else float("nan")
             row["kern_cublas"] = kernel_us(lambda: torch.mm(x, w.t()))
             row["wall_exact"] = timed(lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out, decode="exact"))
             row["wall_cublas"] = timed(lambda: torch.mm(x, w.t()))
@@ -161,8 +166,8 @@ def main():
                 env = {"LORA_KERNELS_PATH": path} if path else {}
                 row[label] = with_env(env, lambda: timed(lambda: qlora_linear(x, q.packed, state, a, b, 0.5)))
             floor = nbytes / (bw * 1e12) * 1e6
-            cols = ["kern_exact", "kern_shared", "kern_registers", "kern_exact_nolora", "kern_cublas", "wall_exact",
-                    "wall_cublas", "read_wall", "op_auto", "op_dequant", "op_fused"]
+            cols = ["kern_exact", "kern_shared", "kern_registers", "kern_exact_nolora", "kern_loads_only", "kern_cublas",
+                    "wall_exact", "wall_cublas", "read_wall", "op_auto", "op_dequant", "op_fused"]
             line = (f"{n},{k},{m}," + ",".join(f"{row[c]:.1f}" for c in cols) +
                     f",{floor:.1f},{row['kern_exact'] / floor:.2f},{row['wall_exact'] / row['read_wall']:.2f}")
             print(line, flush=True)

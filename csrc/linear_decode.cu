@@ -23,8 +23,9 @@ constexpr int kStep = 128;     // k per warp step: 4 lanes x 32 elements
 constexpr int kMaxWarps = 16;  // warps per CTA (split-K inside the CTA)
 constexpr int kGenericWarps = 8;
 constexpr int kTableWords = 256 * 32;              // 32 KB: 256 code pairs x 32 lanes, or 256 fp32 pairs x 16
-// The fast kernel's decode (lk_decode_args.decode).
-constexpr int kShared = 0, kRegisters = 1, kExact = 2;
+// The fast kernel's decode (lk_decode_args.decode). kLoadsOnly is for measurement: the same loads, scales,
+// shuffles, reduction and epilogue, but no table, decode or MMA (the output is meaningless), M <= 8 only.
+constexpr int kShared = 0, kRegisters = 1, kExact = 2, kLoadsOnly = 3;
 
 struct Params {
   lk_decode_args a;
@@ -193,7 +194,8 @@ struct Depth {
 
 template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, int DECODE, int DEPTH>
 __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Params p) {
-  constexpr bool SMEM = DECODE != kRegisters, EXACT = DECODE == kExact;
+  constexpr bool LOADS = DECODE == kLoadsOnly;
+  constexpr bool SMEM = DECODE != kRegisters && !LOADS, EXACT = DECODE == kExact;
   static_assert(!(EXACT && SCALE_AFTER), "the exact decode scales each element before rounding it");
   using T = typename Elem<BF16>::T;
   constexpr int kCtaRows = kRows * RT;  // RT row tiles per warp share each x fragment (M > 8: halves x traffic)
@@ -359,7 +361,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
                              : __uint_as_float(w.s[rt]);
       const uint32_t s2 = SCALE_AFTER || EXACT ? __float_as_uint(s) : pack_scale<BF16>(s);
       const uint32_t sa = __shfl_sync(0xffffffffu, s2, src_a), sb = __shfl_sync(0xffffffffu, s2, src_b);
-      mma_step<BF16, NT, SCALE_AFTER, EXACT>(decode, w.a[rt], w.b[rt], sa, sb, x.r, acc[rt]);
+      if constexpr (LOADS) {  // keep every loaded word live with one XOR each, nothing more
+        uint32_t h = sa ^ sb ^ w.a[rt].x ^ w.a[rt].y ^ w.a[rt].z ^ w.a[rt].w ^ w.b[rt].x ^ w.b[rt].y ^ w.b[rt].z ^ w.b[rt].w;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 16; ++j) h ^= x.r[nt][j];
+        acc[rt][0][0] += __uint_as_float(h & 0x3f7fffffu);
+      } else {
+        mma_step<BF16, NT, SCALE_AFTER, EXACT>(decode, w.a[rt], w.b[rt], sa, sb, x.r, acc[rt]);
+      }
     }
   };
 
@@ -473,6 +484,8 @@ KernelFn pick_fast(bool nested, bool after) {
 
 template <bool BF16, int NT, int RT, int DEPTH>
 KernelFn pick_fast(int decode, bool nested, bool after) {
+  if constexpr (NT == 1 && RT == 1 && DEPTH == 0)
+    if (decode == kLoadsOnly) return pick_fast<BF16, NT, RT, kLoadsOnly, DEPTH>(nested, after);
   if (decode == kRegisters) return pick_fast<BF16, NT, RT, kRegisters, DEPTH>(nested, after);
   if (decode == kExact) return pick_fast<BF16, NT, RT, kExact, DEPTH>(nested, after);
   return pick_fast<BF16, NT, RT, kShared, DEPTH>(nested, after);
@@ -563,7 +576,8 @@ int lk_decode_path(const lk_decode_args* a) {
   if (a->nested && (!a->code2 || !a->absmax2 || !a->offset || a->blocksize2 < 1)) return -1;
   if (a->r > 0 && (!a->xa || !a->b)) return -1;
   if (a->row_tiles < 0 || a->row_tiles > 2) return -1;
-  if (a->decode < kShared || a->decode > kExact) return -1;
+  if (a->decode < kShared || a->decode > kLoadsOnly) return -1;
+  if (a->decode == kLoadsOnly && (a->m > 8 || a->depth != 0 || a->force_generic)) return -1;
   if (a->warps < 0 || a->warps > kMaxWarps || (a->warps & (a->warps - 1))) return -1;
   if (a->depth != 0 && a->depth != 1 && a->depth != 2 && a->depth != 4) return -1;
   if (a->force_generic) return 0;

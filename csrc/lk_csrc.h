@@ -48,7 +48,8 @@ typedef struct lk_decode_args {
   int32_t device;         // CUDA device index of every tensor (made current before the launch)
   int32_t decode;     // fast kernel's decode: 0 a 256-entry byte -> code-pair table in shared memory,
                       // 1 PRMT over a 16-entry register table (both round the codes to the dtype
-                      // first), 2 exact: fp32 code * fp32 scale rounded once per element, as bitsandbytes
+                      // first), 2 exact: fp32 code * fp32 scale rounded once per element, as bitsandbytes;
+                      // 3 measurement only (M <= 8): the loads without decode or MMA, a meaningless output
   int32_t row_tiles;  // 16-row tiles per warp in the fast kernel: 0 auto, 1, or 2 (M > 8 only)
   int32_t warps;      // warps per CTA in the fast kernel: 0 auto, else a power of two up to 16
   int32_t depth;      // steps of W loaded ahead in the M <= 8 kernel (measurement): 0 auto (4), 1, 2 or 4

@@ -66,7 +66,7 @@ def demangled_flags(name):
         return None
     bf16, nt, rt, nested, after, decode, depth = (int(g) for g in m.groups())
     return dict(dtype="bf16" if bf16 else "fp16", nt=nt, rt=rt, nested=bool(nested), scale_after=bool(after),
-                smem=decode == 0, exact=decode == 2, depth=depth)
+                smem=decode == 0, exact=decode == 2, loads_only=decode == 3, depth=depth)
 
 
 def label(name):
@@ -74,7 +74,8 @@ def label(name):
     if f is None:
         m = re.search(r"decode_generic_kernelILb(\d)E", name)
         return f"generic {'bf16' if m and m.group(1) == '1' else 'fp16'}" if m else name
-    table = "smem-table" if f["smem"] else "exact" if f["exact"] else "prmt-table"
+    table = ("smem-table" if f["smem"] else "exact" if f["exact"] else "loads-only" if f["loads_only"]
+             else "prmt-table")
     return (f"fast {table} {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} "
             f"{f['rt'] * 16}-row "
             f"{'nested' if f['nested'] else 'fp32-absmax'} {'scale-after' if f['scale_after'] else 'prescaled'}"
@@ -126,7 +127,7 @@ def main():
             continue
         seen.add((arch, name))
         flags = demangled_flags(name)
-        if flags is None:
+        if flags is None or flags["loads_only"]:  # the measurement variant has no MMA loop to count
             continue
         loop = main_loop(ins)
         if loop is None:

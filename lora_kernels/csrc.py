@@ -237,6 +237,18 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
     return out
 
 
+def loads_only_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optional[torch.Tensor],
+                   out: torch.Tensor) -> torch.Tensor:
+    """Measurement only (csrc/bench_decode.py): the fast kernel's loads, scales, reduction and epilogue without its
+    decode or MMAs, for M <= 8. What it writes to `out` is meaningless; the time says what the loads alone cost."""
+    args, out, lib = _decode_args(x, q, xa, b, None, 1.0, out, False, "exact")
+    args.decode = 3
+    rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(x.device)))
+    if rc != 0:
+        raise RuntimeError(f"lk_linear_decode_fwd (loads only) returned {rc} ({lib.lk_status_string(rc).decode()})")
+    return out
+
+
 def launch_plan(x: torch.Tensor, q, xa: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None,
                 decode: Optional[str] = None) -> dict:
     """How linear_decode_fwd would launch for these arguments (measurement): {'ctas', 'warps',

@@ -48,12 +48,13 @@ def test_fast_or_generic(lib):
     assert path(lib, nested=1, blocksize2=100, code2=1, absmax2=1, offset=1) == 0
     assert path(lib, force_generic=1) == 0
     assert path(lib, decode=2) == path(lib, decode=1) == path(lib, warps=16) == path(lib, depth=1) == 1
+    assert path(lib, decode=3) == 1  # loads only (measurement): M <= 8, default depth
 
 
 def test_bad_arguments(lib):
     for bad in (dict(m=0), dict(m=17), dict(n=0), dict(k=0), dict(dtype=2), dict(x=0), dict(out=0),
                 dict(r=4), dict(nested=1, blocksize2=256), dict(n=65536, k=32768), dict(device=-1), dict(row_tiles=3),
-                dict(decode=3), dict(decode=-1), dict(warps=3), dict(warps=32), dict(warps=-1),
+                dict(decode=4), dict(decode=-1), dict(decode=3, m=9), dict(decode=3, depth=2), dict(warps=3), dict(warps=32), dict(warps=-1),
                 dict(depth=3), dict(depth=8)):
         assert path(lib, **bad) < 0, bad
         assert lib.lk_linear_decode_fwd(ctypes.byref(args(**bad)), None) == 1, bad

@@ -307,3 +307,15 @@ def test_launch_plan_and_depth(fake, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_CSRC_DEPTH", "3")
     with pytest.raises(ValueError, match="DEPTH"):
         csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
+
+
+def test_loads_only_measurement(fake):
+    """csrc.loads_only_fwd (bench_decode's loads-alone timing) sends decode 3 with otherwise checked arguments."""
+    packed, state, _ = quantized(64, 128, nested=True)
+    q = read_quant_state(packed, state)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    out = torch.empty(2, 64, dtype=torch.bfloat16)
+    assert csrc.loads_only_fwd(x, q, None, None, out) is out
+    assert (_last(fake).decode, _last(fake).m, _last(fake).nested) == (3, 2, 1)
+    with pytest.raises(ValueError, match="unit inner stride"):
+        csrc.loads_only_fwd(x, q, None, None, out.t())
