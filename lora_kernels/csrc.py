@@ -11,6 +11,7 @@ names another library file (tests use a fake one).
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import threading
@@ -131,12 +132,20 @@ def _library():
     return s["lib"]
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
 def unsupported_reason(x: torch.Tensor, is_4bit: bool) -> Optional[str]:
     """Why the fused op's forward cannot run here (None when it can), library aside."""
     if not is_4bit:
         return "the weight is not 4-bit (the kernel decodes bitsandbytes NF4/FP4 only)"
     if x.device.type != "cuda":
         return f"x is on {x.device.type}, the kernel needs CUDA tensors"
+    major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if major < 8:  # the library holds sm_80 and sm_90 code (bf16 mma.sync), and PTX for newer GPUs only
+        return f"the GPU is sm_{major}{minor}; the kernel needs sm_80 or newer"
     if x.dtype not in _DTYPES:
         return f"x is {x.dtype}, the kernel takes bfloat16 or float16"
     if not 1 <= x.shape[0] <= MAX_M:

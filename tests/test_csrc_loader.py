@@ -319,3 +319,17 @@ def test_loads_only_measurement(fake):
     assert (_last(fake).decode, _last(fake).m, _last(fake).nested) == (3, 2, 1)
     with pytest.raises(ValueError, match="unit inner stride"):
         csrc.loads_only_fwd(x, q, None, None, out.t())
+
+
+def test_gpus_older_than_sm80_keep_the_triton_path(monkeypatch):
+    """The library holds sm_80/sm_90 code and sm_90 PTX: on a T4 (sm_75) auto must not hand it a launch."""
+    from types import SimpleNamespace
+
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 64))
+    monkeypatch.setattr(csrc, "_capability", lambda index: (7, 5))
+    assert csrc.unsupported_reason(x, True) == "the GPU is sm_75; the kernel needs sm_80 or newer"
+    assert not csrc.use_for_forward(x, True, forced=False)
+    with pytest.raises(ValueError, match="LORA_KERNELS_PATH=csrc, but the GPU is sm_75"):
+        csrc.use_for_forward(x, True, forced=True)
+    monkeypatch.setattr(csrc, "_capability", lambda index: (8, 6))
+    assert csrc.unsupported_reason(x, True) is None
