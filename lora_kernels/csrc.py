@@ -25,8 +25,8 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 # lk_decode_args.decode. "exact" is bitsandbytes' own rounding (fp32 code * fp32 scale, rounded once); the
 # two table decodes round the codes to the dtype first, and at blocksize 64 the scale too.
 DECODES = {"shared": 0, "registers": 1, "exact": 2}
-# Without LORA_KERNELS_CSRC_DECODE: exact. On the H200 (296ee5f) it gave bitsandbytes' weights bit for bit and
-# took 29.0 / 41.3 us at 8192x8192 M = 1 / 16 against the shared table's 26.2 / 42.8 (csrc/README.md).
+# Without LORA_KERNELS_CSRC_DECODE: exact. On the H200 it gave bitsandbytes' weights bit for bit, and its kernel
+# took 29.8 / 35.6 us at 8192x8192 M = 1 / 16 against the shared table's 23.9 / 33.1 (e66ba9f, csrc/README.md).
 DEFAULT_DECODE = "exact"
 BUILD_HINT = ("build it with `LORA_KERNELS_BUILD_CSRC=1 pip install -e .` (nvcc from PATH or the "
               "nvidia-cuda-nvcc==13.0.88 wheels; see csrc/README.md)")
@@ -167,8 +167,8 @@ def use_for_forward(x: torch.Tensor, is_4bit: bool, forced: bool) -> bool:
 
 # Whether LORA_KERNELS_PATH=auto hands decode shapes (M <= 16, CUDA, 4-bit, bf16/fp16) to the library when it
 # loaded. On since the exact decode (the default) passed its GPU tests on the H200, bit-exact weights included,
-# and the op with it beat the dequantize path in 8 of 10 decode shapes there (csrc/README.md). The table decodes
-# round the codes first (1.1-2.0x PyTorch's error, emulated): they run only when asked for.
+# and the op with it took less time than on the dequantize path at every decode shape of csrc/bench_decode.py
+# there (e66ba9f). The table decodes round the codes first (1.1-2.0x PyTorch's error, emulated): only on request.
 AUTO_DISPATCH = True
 
 
