@@ -172,14 +172,13 @@ def use_for_forward(x: torch.Tensor, is_4bit: bool, forced: bool) -> bool:
 AUTO_DISPATCH = True
 
 
-def wanted_for_forward(x: torch.Tensor, is_4bit: bool, path: str) -> bool:
-    """The fused op's forward dispatch; `path` is configs.choose_path(M). LORA_KERNELS_PATH=csrc forces the
+def wanted_for_forward(x: torch.Tensor, is_4bit: bool, setting: str) -> bool:
+    """The fused op's forward dispatch; `setting` is configs.path_setting(). LORA_KERNELS_PATH=csrc forces the
     library; under =auto it takes what it can (whichever Triton path M would take) only once AUTO_DISPATCH is on;
     =fused or =dequant keep it out."""
-    if path == "csrc":
+    if setting == "csrc":
         return use_for_forward(x, is_4bit, forced=True)
-    setting = os.environ.get("LORA_KERNELS_PATH", "auto").strip().lower()
-    return AUTO_DISPATCH and setting in ("", "auto") and use_for_forward(x, is_4bit, forced=False)
+    return AUTO_DISPATCH and setting == "auto" and use_for_forward(x, is_4bit, forced=False)
 
 
 # Seams for the tests' fake library, which runs on CPU tensors.

@@ -222,3 +222,17 @@ def test_paths_add_bias_and_lora_term(monkeypatch, path, bias_dtype, p):
         t.backward(dy.to(t.dtype))
     for name, i in (("dx", 0), ("dA", 1), ("dB", 2)):
         assert_close_to_oracle(leaves[0][i].grad, leaves[1][i].grad, leaves[2][i].grad, **tol, what=name)
+
+
+def test_path_setting_is_read_and_checked_once_per_call(monkeypatch):
+    from lora_kernels.ops import configs
+
+    monkeypatch.setenv("LORA_KERNELS_PATH", " ")
+    assert configs.path_setting() == "auto"
+    assert configs.choose_path(1, "auto") == ("dequant" if configs.DEQUANT_PATH_MIN_M <= 1 else "fused")
+    assert configs.choose_path(8192, "csrc") == "csrc"  # a forced path whatever M
+    monkeypatch.setenv("LORA_KERNELS_PATH", "Fused")
+    assert configs.path_setting() == configs.choose_path(8192) == "fused"
+    monkeypatch.setenv("LORA_KERNELS_PATH", "gpu")
+    with pytest.raises(ValueError, match="LORA_KERNELS_PATH='gpu' is not one of auto, fused, dequant, csrc"):
+        configs.choose_path(16)

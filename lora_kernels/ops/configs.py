@@ -141,13 +141,21 @@ def m_bucket(m: int) -> int:
     return min(8192, 1 << max(0, int(m) - 1).bit_length())
 
 
-def choose_path(m: int) -> str:
-    """'fused' (decode in the GEMM main loop) or 'dequant' (decode to a buffer, then cuBLAS)."""
-    forced = os.environ.get("LORA_KERNELS_PATH", "auto").strip().lower()
-    if forced in ("fused", "dequant", "csrc"):  # csrc: the CUDA library's forward (M <= 16), Triton backward
-        return forced
-    if forced not in ("", "auto"):
-        raise ValueError(f"LORA_KERNELS_PATH={forced!r} is not one of auto, fused, dequant, csrc")
+def path_setting() -> str:
+    """LORA_KERNELS_PATH, checked: 'auto' (also when unset or empty), 'fused', 'dequant' or 'csrc' (the CUDA
+    library's forward, M <= 16, with the Triton backward)."""
+    setting = os.environ.get("LORA_KERNELS_PATH", "auto").strip().lower() or "auto"
+    if setting not in ("auto", "fused", "dequant", "csrc"):
+        raise ValueError(f"LORA_KERNELS_PATH={setting!r} is not one of auto, fused, dequant, csrc")
+    return setting
+
+
+def choose_path(m: int, setting: Optional[str] = None) -> str:
+    """'fused' (decode in the GEMM main loop) or 'dequant' (decode to a buffer, then cuBLAS), or the forced path;
+    `setting` is path_setting(), read here when not given."""
+    setting = path_setting() if setting is None else setting
+    if setting != "auto":
+        return setting
     return "dequant" if m >= DEQUANT_PATH_MIN_M else "fused"
 
 

@@ -130,8 +130,9 @@ def _forward_triton(x, weight, qmeta, qints, lora_A, lora_B, bias, scaling, drop
     lora = dict(left=xa, right=b, right_strides=(b.stride(1), b.stride(0)) if b is not None else None,
                 bias=bias, scaling=scaling)
     from .. import csrc  # M <= 16 on CUDA: the csrc/ library's kernel, when built (LORA_KERNELS_PATH=csrc forces it)
-    path = configs.choose_path(m)
-    if csrc.wanted_for_forward(x, _is_4bit(qints), path):
+    setting = configs.path_setting()  # read once per call: the csrc dispatch and the path both need it
+    path = configs.choose_path(m, setting)
+    if csrc.wanted_for_forward(x, _is_4bit(qints), setting):
         return csrc.linear_decode_fwd(x, _quant_from_parts(weight, qmeta, qints), xa, b, bias, scaling, out=out), xa
 
     def fused():
