@@ -357,7 +357,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
       if (!kEarlyScale) load_raw_scale(w, rt, fs[rt] - stride);  // fs has moved on to the next step
-      const float s = NESTED ? __fadd_rn(__fmul_rn(__ldg(a.code2 + w.s[rt]), w.s2[rt]), offset)
+      // nested: bitsandbytes' order and roundings, as lk::block_scale (host-tested) computes them
+      const float s = NESTED ? lk::add_rn(lk::mul_rn(__ldg(a.code2 + w.s[rt]), w.s2[rt]), offset)
                              : __uint_as_float(w.s[rt]);
       const uint32_t s2 = SCALE_AFTER || EXACT ? __float_as_uint(s) : pack_scale<BF16>(s);
       const uint32_t sa = __shfl_sync(0xffffffffu, s2, src_a), sb = __shfl_sync(0xffffffffu, s2, src_b);
@@ -547,6 +548,24 @@ void launch(const Params& p, int path, cudaStream_t stream) {
 
 thread_local cudaError_t g_last_error = cudaSuccess;
 
+namespace {
+
+// This library links its own (static) runtime: make the tensors' device current for a call, and put the
+// caller's back when the scope ends. `ok` is false (and g_last_error says why) when the switch failed.
+struct DeviceScope {
+  int previous = -1, device;
+  bool ok;
+  explicit DeviceScope(int d) : device(d) {
+    ok = (g_last_error = cudaGetDevice(&previous)) == cudaSuccess &&
+         (previous == d || (g_last_error = cudaSetDevice(d)) == cudaSuccess);
+  }
+  ~DeviceScope() {
+    if (ok && previous != device) cudaSetDevice(previous);
+  }
+};
+
+}  // namespace
+
 extern "C" {
 
 int lk_abi_version(void) { return LK_CSRC_ABI_VERSION; }
@@ -597,17 +616,13 @@ int lk_linear_decode_fwd(const lk_decode_args* args, void* stream) {
   p.log2_bs2 = args->nested ? ilog2_exact(args->blocksize2) : 0;
   p.base3210 = 0x32103210u;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  // This library links its own (static) runtime: make the tensors' device current for the launch,
-  // and put the caller's back afterwards.
-  int previous = -1;
-  if ((g_last_error = cudaGetDevice(&previous)) != cudaSuccess) return LK_CUDA_ERROR;
-  if (previous != args->device && (g_last_error = cudaSetDevice(args->device)) != cudaSuccess) return LK_CUDA_ERROR;
+  const DeviceScope scope(args->device);
+  if (!scope.ok) return LK_CUDA_ERROR;
   if (args->dtype == LK_BF16)
     launch<true>(p, path, s);
   else
     launch<false>(p, path, s);
   g_last_error = cudaGetLastError();
-  if (previous != args->device) cudaSetDevice(previous);
   return g_last_error == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
 }
 
@@ -620,14 +635,12 @@ int lk_fast_launch(const lk_decode_args* args, int* out) {
     out[0] = out[1] = out[2] = out[3] = 0;
     return LK_OK;
   }
-  int previous = -1;
-  if ((g_last_error = cudaGetDevice(&previous)) != cudaSuccess) return LK_CUDA_ERROR;
-  if (previous != args->device && (g_last_error = cudaSetDevice(args->device)) != cudaSuccess) return LK_CUDA_ERROR;
+  const DeviceScope scope(args->device);
+  if (!scope.ok) return LK_CUDA_ERROR;
   const int sms = multiprocessors(args->device);
   const FastLaunch f = args->dtype == LK_BF16 ? plan_fast<true>(*args, sms) : plan_fast<false>(*args, sms);
   int resident = 0;
   g_last_error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, f.kernel, f.warps * 32, 0);
-  if (previous != args->device) cudaSetDevice(previous);
   out[0] = f.tiles, out[1] = f.warps, out[2] = resident, out[3] = sms;
   return g_last_error == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
 }

@@ -234,14 +234,7 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
     LORA_KERNELS_CSRC_DEPTH=1|2|4 the 128-wide steps of W loaded ahead at M <= 8 (default 4).
     """
     args, out, lib = _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode)
-    rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(x.device)))
-    if rc != 0:
-        detail = lib.lk_status_string(rc).decode()
-        if rc == 2:
-            detail += f": {lib.lk_last_cuda_error().decode()}"
-        raise RuntimeError(f"lk_linear_decode_fwd returned {rc} ({detail}) for x {tuple(x.shape)} {x.dtype}, "
-                           f"weight {args.n}x{args.k} blocksize {q.blocksize}{' nested' if q.nested else ''}, "
-                           f"r={args.r}")
+    _launch(lib, args, x, q)
     return out
 
 
@@ -251,10 +244,20 @@ def loads_only_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optional[t
     decode or MMAs, for M <= 8. What it writes to `out` is meaningless; the time says what the loads alone cost."""
     args, out, lib = _decode_args(x, q, xa, b, None, 1.0, out, False, "exact")
     args.decode = 3
+    _launch(lib, args, x, q)
+    return out
+
+
+def _launch(lib, args, x, q) -> None:
+    """lk_linear_decode_fwd on x's current stream; a failure raises with the library's reason and the case."""
     rc = lib.lk_linear_decode_fwd(ctypes.byref(args), ctypes.c_void_p(_current_stream(x.device)))
     if rc != 0:
-        raise RuntimeError(f"lk_linear_decode_fwd (loads only) returned {rc} ({lib.lk_status_string(rc).decode()})")
-    return out
+        detail = lib.lk_status_string(rc).decode()
+        if rc == 2:
+            detail += f": {lib.lk_last_cuda_error().decode()}"
+        raise RuntimeError(f"lk_linear_decode_fwd returned {rc} ({detail}) for x {tuple(x.shape)} {x.dtype}, "
+                           f"weight {args.n}x{args.k} blocksize {q.blocksize}{' nested' if q.nested else ''}, "
+                           f"r={args.r}, decode {args.decode}")
 
 
 def launch_plan(x: torch.Tensor, q, xa: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None,
