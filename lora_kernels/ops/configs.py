@@ -131,8 +131,9 @@ DEQUANT_PATH_MIN_M = 1
 # The fused 4-bit forward (16-bit x) looks codes up from 16 registers (dequant.lookup16, a select tree)
 # instead of gathering them per element from global memory: the gather is what the pipeliner turned into
 # cp.async copies through shared memory on the H200. Counted on sm_90 SASS (triton 3.9, 128x128x64 w8 s3):
-# cp.async copies 94 -> 36, selects +320; predicted faster, not measured yet (benchmarks/gpu_session.sh's
-# sweep). Not in dx or with fp32 x: there the extra registers made 16-row and fp32 tiles spill 4-12 B.
+# cp.async copies 94 -> 36, selects +320. Measured on the H200 (benchmarks/results/h200-2026-11-30.md): the
+# pipelined configs ran 3.5-8.2x faster than with the gather, still slower than dequantize + cuBLAS. Not in dx
+# or with fp32 x: there the extra registers made 16-row and fp32 tiles spill 4-12 B.
 CODE_REGS = True
 
 
