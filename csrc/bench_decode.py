@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lora_kernels import csrc  # noqa: E402
+from lora_kernels.bench.providers import temporary_env  # noqa: E402
 from lora_kernels.ops.fused_linear import qlora_linear  # noqa: E402
 from lora_kernels.nf4 import Quant4bit  # noqa: E402
 
@@ -119,16 +120,8 @@ def main():
     print("\n".join(lines), flush=True)
 
     def with_env(env, fn):
-        old = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
+        with temporary_env(env):
             return fn()
-        finally:
-            for key, value in old.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     sweep = {tuple(int(v) for v in shape.split("x")) for shape in args.warps_sweep.split(",") if shape}
     sweep_lines = []

@@ -30,6 +30,21 @@ from .presets import LAYER_PROVIDERS
 BLOCKSIZE = 64  # what transformers' BitsAndBytesConfig uses
 
 
+@contextlib.contextmanager
+def temporary_env(env: dict):
+    """os.environ with `env` set inside the block; the previous values (or their absence) come back after it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Skip(Exception):
     """The provider does not run this case; the message says why (printed, never silent)."""
 
@@ -42,18 +57,8 @@ class Case:
     env: dict = field(default_factory=dict)
     raw: object = None  # the provider's y = layer(x), before the forward-only / forward+backward wrapper
 
-    @contextlib.contextmanager
     def environment(self):
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return temporary_env(self.env)
 
 
 def torch_dtype(name: str):
