@@ -23,8 +23,17 @@ import sys
 from collections import Counter
 
 
+def control(hi):
+    """The scheduling control bits of a Volta+ instruction, from the high 64-bit word of its encoding:
+    stall cycles, yield, the scoreboard it sets when it completes (wr) or has read its registers (rd), 7 for
+    none, and the scoreboards it waits on (wait, a bit mask of 0..5)."""
+    c = (hi >> 41) & 0x1FFFFF
+    return dict(stall=c & 15, yld=(c >> 4) & 1, wr=(c >> 5) & 7, rd=(c >> 8) & 7, wait=(c >> 11) & 63)
+
+
 def parse(text):
-    """[(arch, function name, [(addr, instruction)])] in file order."""
+    """[(arch, function name, [(addr, instruction, control)])] in file order; control is None when the
+    dump has no encodings."""
     out = []
     arch = None
     for block in re.split(r"\n(?=\s*(?:Fatbin elf code|Function :))", text):
@@ -34,26 +43,61 @@ def parse(text):
         f = re.match(r"\s*Function : (\S+)", block)
         if not f:
             continue
-        ins = [(int(a, 16), s.strip()) for a, s in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", block)]
+        ins = [(int(a, 16), s.strip(), control(int(hi, 16)) if hi else None)
+               for a, s, hi in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);(?:\s*/\* 0x[0-9a-f]{16} \*/"
+                                          r"\s*/\* 0x([0-9a-f]{16}) \*/)?", block)]
         out.append((arch, f.group(1), ins))
     return out
 
 
+def opcode(instruction):
+    return re.sub(r"^@!?U?P[T0-9]+\s+", "", instruction).split()[0]
+
+
+def w_load_reach(body):
+    """How far the loop's streaming W loads (LDG.E.NA.128) run ahead, in HMMAs: for each, the HMMAs issued
+    between it and the first wait covering its scoreboard, walking the loop body four times; the minimum. A
+    scoreboard counts every variable-latency instruction set on it and a wait mask waits until it is zero (only
+    DEPBAR.LE waits for a count), so a register ring that puts the loads of step j + 3 on the scoreboard it
+    then waits on for step j's data stalls on the loads it just issued: it reaches 0 HMMAs, not 3 steps.
+    None when the loop has no such load or no control bits."""
+    if not body or body[0][1] is None:
+        return None
+    pending = {sb: [] for sb in range(6)}  # [(is W load, HMMAs issued before it)], oldest first
+    hmma, reach = 0, []
+    for _ in range(4):
+        for text, ctl in body:
+            op = opcode(text)
+            m = re.match(r"DEPBAR\.LE\s+SB(\d),\s*0x([0-9a-f]+)", re.sub(r"^@!?U?P[T0-9]+\s+", "", text))
+            retire = {sb: 0 for sb in range(6) if ctl["wait"] >> sb & 1}
+            if m:
+                retire[int(m.group(1))] = int(m.group(2), 16)
+            for sb, keep in retire.items():
+                gone = pending[sb][:max(0, len(pending[sb]) - keep)]
+                pending[sb] = pending[sb][len(gone):]
+                reach += [hmma - at for is_w, at in gone if is_w]
+            if op.startswith("HMMA"):
+                hmma += 1
+            if ctl["wr"] < 6:
+                pending[ctl["wr"]].append((op.startswith("LDG.E.NA.128"), hmma))
+    return min(reach) if reach else None
+
+
 def main_loop(ins):
-    """(body, opcode counter) of the backward-branch loop with the most HMMAs per instruction, or None: the
+    """(body as [(instruction, control)], opcode counter) of the backward-branch loop with the most HMMAs per instruction, or None: the
     main loop. (Not simply the innermost: nvcc may place a cold exit path after the epilogue that branches
     back into the unrolled loop, which makes a smaller "loop" holding epilogue code and only one step.)"""
-    index = {a: i for i, (a, _) in enumerate(ins)}
+    index = {a: i for i, (a, _, _) in enumerate(ins)}
     best = None
-    for i, (a, s) in enumerate(ins):
+    for i, (a, s, _) in enumerate(ins):
         m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", s)
         if not m:
             continue
         target = int(m.group(1), 16)
         if target >= a or target not in index:
             continue
-        body = [x for _, x in ins[index[target]:i + 1]]
-        ops = [re.sub(r"^@!?U?P[T0-9]+\s+", "", x).split()[0] for x in body]
+        body = [(x, c) for _, x, c in ins[index[target]:i + 1]]
+        ops = [opcode(x) for x, _ in body]
         hmma = sum(o.startswith("HMMA") for o in ops)
         if hmma and (best is None or hmma / len(body) > best[2]):
             best = (body, Counter(o.split(".")[0] for o in ops), hmma / len(body))
@@ -137,7 +181,7 @@ def main():
         elems = 8 * ops["HMMA"] // flags["nt"]
         # Each 128-wide step of a row tile is 8 HMMAs per token tile and two 16-byte streaming loads of W
         # (rows g and g + 8): a loop that decodes what it never loaded shows here, not only on a GPU.
-        w_loads = sum(1 for x in body if re.search(r"\bLDG\.E\.NA\.128\b", x))
+        w_loads = sum(1 for x, _ in body if re.search(r"\bLDG\.E\.NA\.128\b", x))
         if w_loads != ops["HMMA"] // (4 * flags["nt"]):
             over.append(f"{arch} {name}: {w_loads} streaming W loads in the main loop for {ops['HMMA']} HMMA "
                         f"(expected {ops['HMMA'] // (4 * flags['nt'])})")
@@ -151,8 +195,11 @@ def main():
         else:
             budget = args.budget_prescaled
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+        reach = w_load_reach(body)
+        step = 8 * flags["nt"] * flags["rt"]  # HMMAs per 128-wide step
+        ahead = "" if reach is None else f"; W loads waited on after {reach} HMMA ({reach / step:.1f} steps)"
         print(f"{arch} {label(name)}: {len(body)} instructions / {elems} "
-              f"elements per lane = {per:.2f} per element (budget {budget or 'report only'}) [{top}]")
+              f"elements per lane = {per:.2f} per element (budget {budget or 'report only'}){ahead} [{top}]")
         rows += 1
         if budget is not None and per > budget:
             over.append(f"{arch} {name}: {per:.2f} > {budget}")
