@@ -13,6 +13,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <set>
+#include <type_traits>
+#include <utility>
+
 #include "decode4bit.h"
 #include "lk_csrc.h"
 
@@ -181,6 +186,61 @@ __device__ __forceinline__ void mma_step(const Decode& decode, const uint4& qa, 
   }
 }
 
+// The byte -> codes table of the table decodes, built by the CTA in smem[0, kTableWords) (the caller syncs
+// before use), and the decode of one packed word: eight elements -> four code pairs in element order.
+// Per byte: PRMT extracts it, LEA makes the address (byte * 128 + this lane's copy), then the table load.
+template <bool BF16, int DECODE>
+struct Decoder {
+  static constexpr bool EXACT = DECODE == kExact, SMEM = DECODE == kShared || EXACT;
+  lk::Table tab;
+  uint32_t base, lane_addr;
+  __device__ __forceinline__ void operator()(uint32_t q, uint32_t (&o)[4], uint32_t s) const {
+    if (EXACT) {
+      const float f = __uint_as_float(s);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 c = lds64((__byte_perm(q, 0u, 0x4440u + j) << 7) + lane_addr);
+        o[j] = lk::pack_exact<BF16>(c.x, c.y, f);
+      }
+    } else if (SMEM) {
+      o[0] = lds((__byte_perm(q, 0u, 0x4440u) << 7) + lane_addr);
+      o[1] = lds((__byte_perm(q, 0u, 0x4441u) << 7) + lane_addr);
+      o[2] = lds((__byte_perm(q, 0u, 0x4442u) << 7) + lane_addr);
+      o[3] = lds((__byte_perm(q, 0u, 0x4443u) << 7) + lane_addr);
+    } else {
+      lk::decode8(tab, q, o, base);
+    }
+  }
+};
+
+template <bool BF16, int DECODE>
+__device__ __forceinline__ Decoder<BF16, DECODE> make_decoder(const float* code, uint32_t* smem, uint32_t base,
+                                                             int lane) {
+  using D = Decoder<BF16, DECODE>;
+  D d;
+  d.tab = lk::make_table<BF16>(code);
+  d.base = base;
+  if (D::EXACT) {
+    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
+      // element order: the high nibble is the even element
+      const uint32_t hi = __float_as_uint(__ldg(code + (byte >> 4))), lo = __float_as_uint(__ldg(code + (byte & 15)));
+      uint4* dst = reinterpret_cast<uint4*>(smem + 32 * byte);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) dst[j] = make_uint4(hi, lo, hi, lo);
+    }
+  } else if (D::SMEM) {
+    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
+      uint32_t o[4];
+      lk::decode8(d.tab, (uint32_t)byte, o, base);  // byte in byte 0: o[0] = code[hi] | code[lo] << 16
+      uint4* dst = reinterpret_cast<uint4*>(smem + 32 * byte);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) dst[j] = make_uint4(o[0], o[0], o[0], o[0]);
+    }
+  }
+  d.lane_addr = opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + (D::EXACT ? 8u * (lane & 15) : 4u * lane));
+  return d;
+}
+
 // Steps of W (and their scales) in flight per warp, and of x. One 16-row tile with one token tile keeps
 // three steps of W in flight beyond the one it decodes (3 KB per warp: HBM latency times the SM's share of
 // bandwidth is about 30 KB per SM, at 16 warps per SM). Two token tiles (64 registers of x per step) leave
@@ -213,7 +273,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kCtaRows;
   const uint32_t base = p.base3210;
-  const uint32_t lane4 = 4u * lane;
   // A step covers 64 elements per (row, block) pair of lanes (t = 0,1 and t = 2,3): each lane
   // computes one scale per row tile, for row g or g+8 by t's low bit and its pair's block, and the
   // quad swaps them.
@@ -306,47 +365,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   for (int d = 0; d < DX - 1; ++d)
     if (d < nfull) issue_x(xr[d], true);
 
-  const lk::Table tab = lk::make_table<BF16>(a.code);
-  if (EXACT) {
-    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
-      // element order: the high nibble is the even element
-      const uint32_t hi = __float_as_uint(__ldg(a.code + (byte >> 4))), lo = __float_as_uint(__ldg(a.code + (byte & 15)));
-      uint4* dst = reinterpret_cast<uint4*>(smem + 32 * byte);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) dst[j] = make_uint4(hi, lo, hi, lo);
-    }
-    __syncthreads();
-  } else if (SMEM) {
-    for (int byte = threadIdx.x; byte < 256; byte += blockDim.x) {
-      uint32_t o[4];
-      lk::decode8(tab, (uint32_t)byte, o, base);  // byte in byte 0: o[0] = code[hi] | code[lo] << 16
-      uint4* dst = reinterpret_cast<uint4*>(smem + 32 * byte);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) dst[j] = make_uint4(o[0], o[0], o[0], o[0]);
-    }
-    __syncthreads();
-  }
-  // Eight elements of one packed word -> four code pairs in element order.
-  // Per byte: PRMT extracts it, LEA makes the address (byte * 128 + this lane's copy); two ALU ops.
-  const uint32_t lane_addr =
-      opaque(static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + (EXACT ? 8u * (lane & 15) : lane4));
-  auto decode = [&](uint32_t q, uint32_t(&o)[4], uint32_t s) {
-    if (EXACT) {
-      const float f = __uint_as_float(s);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 c = lds64((__byte_perm(q, 0u, 0x4440u + j) << 7) + lane_addr);
-        o[j] = lk::pack_exact<BF16>(c.x, c.y, f);
-      }
-    } else if (SMEM) {
-      o[0] = lds((__byte_perm(q, 0u, 0x4440u) << 7) + lane_addr);
-      o[1] = lds((__byte_perm(q, 0u, 0x4441u) << 7) + lane_addr);
-      o[2] = lds((__byte_perm(q, 0u, 0x4442u) << 7) + lane_addr);
-      o[3] = lds((__byte_perm(q, 0u, 0x4443u) << 7) + lane_addr);
-    } else {
-      lk::decode8(tab, q, o, base);
-    }
-  };
+  const Decoder<BF16, DECODE> decode = make_decoder<BF16, DECODE>(a.code, smem, base, lane);
+  if (SMEM) __syncthreads();
   const float offset = NESTED ? __ldg(a.offset) : 0.f;
   float acc[RT][NT][4];
 #pragma unroll
@@ -406,6 +426,221 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   }
 
   if (SMEM) __syncthreads();  // every warp is done with the table before it holds partial sums
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = 8 * nt + 2 * t, r = kRows * rt + g;
+      red[warp][r][c] = acc[rt][nt][0];
+      red[warp][r][c + 1] = acc[rt][nt][1];
+      red[warp][r + 8][c] = acc[rt][nt][2];
+      red[warp][r + 8][c + 1] = acc[rt][nt][3];
+    }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kCtaRows * a.m; e += blockDim.x) {
+    const int row = e % kCtaRows, tok = e / kCtaRows, n = row0 + row;
+    if (n >= a.n) continue;
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += red[w][row][tok];
+    epilogue<BF16>(a, tok, n, s);
+  }
+}
+
+// cp.async (sm_80+): global -> shared copies that complete in commit groups; waiting for all but the newest
+// N groups (DEPBAR.LE) leaves those in flight. Register loads cannot: ptxas puts a ring's loads on one
+// scoreboard, and a wait on it waits for every load on it (csrc/sass_count.py's reach check).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t bytes) {  // 16, or 0: zeros
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint4 lds128(uint32_t a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ float ldsf(uint32_t a) { return __uint_as_float(lds(a)); }
+
+// The async kernel's shared memory, in bytes: [decode table][code2, offset][one ring of stages per warp];
+// the split-K partial sums reuse it from 0 after the loop. A stage holds one 128-wide step of a warp's
+// loads from HBM: W [row tile][row g | g + 8][lane] 16 B, raw scales [row tile][lane] 4 B (nested: the
+// aligned word holding the byte, then absmax2). x stays a register load: it comes from L1/L2, whose latency
+// the other warps hide, and in shared memory it would cost a CTA per SM at M = 16.
+struct AsyncLayout {
+  int stages, table, code2, w, stage, per_warp;
+  __host__ __device__ constexpr AsyncLayout(int decode, bool nested, int rt)
+      : stages(4),
+        table(decode == kExact || decode == kShared ? kTableWords * 4 : 0),
+        code2(nested ? 256 * 4 + 16 : 0),  // + the offset, padded to 16 B
+        w(rt * 1024),
+        stage(w + rt * 128 * (nested ? 2 : 1)),
+        per_warp(stages * stage) {}
+  __host__ __device__ int bytes(int warps, int rt) const {
+    const int red = warps * kRows * rt * 16 * 4, used = table + code2 + warps * per_warp;
+    return used > red ? used : red;
+  }
+};
+
+// decode_fast_kernel's computation with every load of its loop (W, the raw block scales, x) copied by cp.async
+// into a per-warp ring of shared-memory stages, stages - 1 steps ahead of the decode, and the nested scales'
+// code2 table in shared memory: the loop loads nothing from global memory into registers.
+template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, int DECODE>
+__global__ void __launch_bounds__(kMaxWarps * 32) decode_async_kernel(const Params p) {
+  constexpr bool EXACT = DECODE == kExact, SMEM = DECODE == kShared || EXACT;
+  static_assert(!(EXACT && SCALE_AFTER), "the exact decode scales each element before rounding it");
+  static_assert(DECODE != kLoadsOnly, "no loads-only variant");
+  constexpr int DS = 4;  // AsyncLayout::stages
+  constexpr int kCtaRows = kRows * RT;
+  using T = typename Elem<BF16>::T;
+  extern __shared__ __align__(16) uint32_t smem[];
+  float(*red)[kCtaRows][16] = reinterpret_cast<float(*)[kCtaRows][16]>(smem);
+  const lk_decode_args& a = p.a;
+  const int K = a.k, M = a.m;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * kCtaRows;
+  constexpr AsyncLayout L(DECODE, NESTED, RT);
+  const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t code2_s = sbase + L.table;
+  const uint32_t ring = sbase + L.table + L.code2 + warp * L.per_warp;
+  // This lane's W and scale places in slot 0 (opaque: otherwise rebuilt from the thread index at every step)
+  const uint32_t wslot = opaque(ring + 16 * lane), sslot = opaque(ring + L.w + 4 * lane);
+  constexpr uint32_t stage = L.stage;
+  const int src_a = (int)opaque((lane & ~3) | (t & 2)), src_b = src_a | 1;
+  const int stride = (int)opaque(nwarps * kStep);
+  const int wstep = stride >> 1;
+  const int kb0 = warp * kStep;
+  const int nfull = K - kb0 >= kStep ? (K - kb0 - kStep) / stride + 1 : 0;
+  // K % 128 == 64 (blocksize 64 only): one warp has a last 64-wide step (TAIL), where lanes t = 2, 3 are past
+  // the row's end: they copy zeros (W; x stays zeros) and fetch an in-range scale they do not use.
+  const bool tail = kb0 + nfull * stride < K;
+  using Full = std::false_type;
+  using Tail = std::true_type;
+  uint32_t fs[RT];  // flat index of the element whose block scale this lane copies, at the next issued step
+  const uint8_t* pa[RT];
+  const uint8_t* pb[RT];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const int ra = min(row0 + kRows * rt + g, a.n - 1), rb = min(row0 + kRows * rt + g + 8, a.n - 1);
+    fs[rt] = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2) + kb0);
+    pa[rt] = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
+    pb[rt] = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
+  }
+  uint32_t fr[RT];  // the same index at the step being decoded (the nested byte's place in its word)
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) fr[rt] = fs[rt];
+  // x: lane (g, t) of token tile nt reads token min(g + 8 nt, M - 1): the columns of tokens >= M come from a
+  // real token's x and are never stored.
+  const T* xp[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    xp[nt] = static_cast<const T*>(a.x) + (int64_t)min(g + 8 * nt, M - 1) * a.x_row + kb0 + 32 * t;
+  auto issue = [&](int slot, auto tail_step) {  // the next step's copies into ring slot `slot`
+    constexpr bool TAIL = decltype(tail_step)::value;
+    const uint32_t w = wslot + slot * stage, sc = sslot + slot * stage;
+    const bool live = !TAIL || t < 2;
+    const uint32_t bytes = live ? 16u : 0u;
+    const int back = live ? 0 : 32;  // a dead lane's source: its live partner's, in range (nothing is read)
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      cp_async16(w + rt * 1024, pa[rt] - back, bytes);
+      cp_async16(w + rt * 1024 + 512, pb[rt] - back, bytes);
+      const uint32_t f = fs[rt] - (TAIL ? 32u * (t & 2) : 0u), b = f >> p.log2_bs;
+      if (NESTED) {
+        cp_async4(sc + rt * 128, static_cast<const uint8_t*>(a.absmax) + (b & ~3u));
+        cp_async4(sc + (RT + rt) * 128, a.absmax2 + (b >> p.log2_bs2));
+      } else {
+        cp_async4(sc + rt * 128, static_cast<const float*>(a.absmax) + b);
+      }
+      pa[rt] += wstep, pb[rt] += wstep, fs[rt] += stride;
+    }
+  };
+  // The first stages' copies go out before the tables are built, so their latency overlaps it.
+  // One commit group per step, empty past the last full one: wait_group<DS - 2> then means "step j landed".
+  // The tail step (rare: K % 128 == 64) is copied after the loop, so the loop's code is the full steps only.
+#pragma unroll
+  for (int d = 0; d < DS - 1; ++d) {
+    if (d < nfull) issue(d, Full());
+    cp_async_commit();
+  }
+  const Decoder<BF16, DECODE> decode = make_decoder<BF16, DECODE>(a.code, smem, p.base3210, lane);
+  // code2 and the offset; read from shared memory at each step (a register would be spilled: ptxas kept the
+  // offset on the stack and reloaded it every step)
+  if (NESTED)
+    for (int i = threadIdx.x; i < 257; i += blockDim.x)
+      smem[L.table / 4 + i] = __float_as_uint(__ldg(i < 256 ? a.code2 + i : a.offset));
+  if (SMEM || NESTED) __syncthreads();
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[rt][nt][0] = acc[rt][nt][1] = acc[rt][nt][2] = acc[rt][nt][3] = 0.f;
+  auto step = [&](int slot, auto tail_step) {
+    constexpr bool TAIL = decltype(tail_step)::value;
+    const uint32_t w = wslot + slot * stage, sc = sslot + slot * stage;
+    // x first: its L1/L2 latency overlaps the scale and the first decodes. Lanes past the row's end keep
+    // zeros, as W there is zeros and x * 0 must not make a NaN.
+    const bool live = !TAIL || t < 2;
+    uint32_t xr[NT][16];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint4* v = reinterpret_cast<const uint4*>(xp[nt]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 u = live ? __ldg(v + q) : make_uint4(0, 0, 0, 0);
+        xr[nt][4 * q] = u.x, xr[nt][4 * q + 1] = u.y, xr[nt][4 * q + 2] = u.z, xr[nt][4 * q + 3] = u.w;
+      }
+      xp[nt] += stride;
+    }
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      const uint4 wa = lds128(w + rt * 1024), wb = lds128(w + rt * 1024 + 512);
+      const uint32_t raw = lds(sc + rt * 128);
+      float s;
+      if (NESTED) {
+        const uint32_t f = fr[rt] - (TAIL ? 32u * (t & 2) : 0u);
+        const uint32_t byte = (raw >> (8 * ((f >> p.log2_bs) & 3u))) & 0xffu;
+        // bitsandbytes' order and roundings, as lk::block_scale (host-tested) computes them
+        s = lk::add_rn(lk::mul_rn(ldsf(code2_s + 4 * byte), ldsf(sc + (RT + rt) * 128)), ldsf(code2_s + 1024));
+      } else {
+        s = __uint_as_float(raw);
+      }
+      fr[rt] += stride;
+      const uint32_t s2 = SCALE_AFTER || EXACT ? __float_as_uint(s) : pack_scale<BF16>(s);
+      const uint32_t sa = __shfl_sync(0xffffffffu, s2, src_a), sb = __shfl_sync(0xffffffffu, s2, src_b);
+      mma_step<BF16, NT, SCALE_AFTER, EXACT>(decode, wa, wb, sa, sb, xr, acc[rt]);
+    }
+  };
+
+  // Step j: wait for its group (all but the newest DS - 2), copy step j + DS - 1 into the slot step j - 1 used,
+  // decode step j. Each lane reads only what it copied, so no warp sync is needed.
+  for (int j0 = 0; j0 < nfull; j0 += DS) {
+#pragma unroll
+    for (int u = 0; u < DS; ++u) {
+      const int j = j0 + u;
+      if (j >= nfull) break;
+      cp_async_wait<DS - 2>();
+      if (j + DS - 1 < nfull) issue((u + DS - 1) % DS, Full());
+      cp_async_commit();
+      step(u, Full());
+    }
+  }
+  if (tail) {
+    cp_async_wait<0>();  // the slots are free: step nfull's copies go to slot 0, unpipelined
+    issue(0, Tail());
+    cp_async_commit();
+    cp_async_wait<0>();
+    step(0, Tail());
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the table and its ring before they hold partial sums
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -492,18 +727,65 @@ KernelFn pick_fast(int decode, bool nested, bool after) {
   return pick_fast<BF16, NT, RT, kShared, DEPTH>(nested, after);
 }
 
-// The fast kernel and its launch shape for these arguments.
+template <bool BF16, int NT, int RT, int DECODE>
+KernelFn pick_async(bool nested, bool after) {
+  if constexpr (DECODE == kExact)
+    return nested ? decode_async_kernel<BF16, NT, RT, true, false, kExact> : decode_async_kernel<BF16, NT, RT, false, false, kExact>;
+  else if (nested)
+    return after ? decode_async_kernel<BF16, NT, RT, true, true, DECODE> : decode_async_kernel<BF16, NT, RT, true, false, DECODE>;
+  else
+    return after ? decode_async_kernel<BF16, NT, RT, false, true, DECODE> : decode_async_kernel<BF16, NT, RT, false, false, DECODE>;
+}
+
+template <bool BF16, int NT, int RT>
+KernelFn pick_async(int decode, bool nested, bool after) {
+  if (decode == kRegisters) return pick_async<BF16, NT, RT, kRegisters>(nested, after);
+  if (decode == kExact) return pick_async<BF16, NT, RT, kExact>(nested, after);
+  return pick_async<BF16, NT, RT, kShared>(nested, after);
+}
+
+// The fast kernel and its launch shape for these arguments: pipeline 0 the register ring (decode_fast_kernel),
+// 1 the cp.async stages (decode_async_kernel) with `smem` bytes of dynamic shared memory.
 struct FastLaunch {
   KernelFn kernel;
-  int tiles, warps;
+  int tiles, warps, pipeline, smem;
 };
 
+// Per device: the dynamic shared memory a CTA may opt in to, and SMs.
+struct DeviceLimits {
+  int sms = 0, smem_optin = 0;
+};
+DeviceLimits device_limits(int device) {
+  static DeviceLimits cache[64];
+  if (device < 0 || device >= 64) device = 0;
+  DeviceLimits& d = cache[device];
+  if (!d.sms) {
+    int sms = 132, optin = 48 * 1024;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    d.smem_optin = optin;
+    d.sms = sms;  // written last: a racing reader sees either nothing or both
+  }
+  return d;
+}
+
+// The async kernel copies the nested scales' byte as the aligned 4-byte word holding it.
+bool async_applies(const lk_decode_args& a) {
+  return !a.nested || (reinterpret_cast<uintptr_t>(a.absmax) & 3u) == 0;
+}
+
 template <bool BF16>
-FastLaunch plan_fast(const lk_decode_args& a, int sms) {
+FastLaunch plan_fast(const lk_decode_args& a, const DeviceLimits& dev) {
+  const int sms = dev.sms;
   // M > 8 (two n8 token tiles): two row tiles per warp share each x fragment, which halves the x traffic
   // through L1 (otherwise 4 bytes per packed weight byte, beside the table's 4), when N still gives
   // about one such CTA per SM.
-  const int rt = a.m <= 8 ? 1 : a.row_tiles ? a.row_tiles : (a.n + 2 * kRows - 1) / (2 * kRows) >= (3 * sms) / 4 ? 2 : 1;
+  // The async kernel has 16-row CTAs only (two row tiles spilled).
+  const bool async = a.pipeline == 1 && async_applies(a);
+  const int rt = async || a.m <= 8 ? 1
+                 : a.row_tiles     ? a.row_tiles
+                 : (a.n + 2 * kRows - 1) / (2 * kRows) >= (3 * sms) / 4 ? 2
+                                                                         : 1;
   const int tiles = (a.n + rt * kRows - 1) / (rt * kRows);
   const int steps = (a.k + kStep - 1) / kStep;
   // Warps per CTA (split-K inside the CTA): the most that keeps every CTA resident in one wave at
@@ -512,6 +794,13 @@ FastLaunch plan_fast(const lk_decode_args& a, int sms) {
   while (warps < kMaxWarps && warps * 2 * tiles <= 16 * sms && warps * 2 <= steps) warps *= 2;
   if (a.warps) warps = a.warps;  // fixed by the caller (measurement)
   const bool after = a.blocksize >= kStep && a.k % kStep == 0;
+  if (async) {
+    const AsyncLayout L(a.decode, a.nested, 1);
+    while (warps > 1 && L.bytes(warps, 1) > dev.smem_optin) warps /= 2;
+    const KernelFn k = a.m > 8 ? pick_async<BF16, 2, 1>(a.decode, a.nested, after)
+                               : pick_async<BF16, 1, 1>(a.decode, a.nested, after);
+    return FastLaunch{k, tiles, warps, 1, L.bytes(warps, 1)};
+  }
   KernelFn k;
   if (rt == 2)
     k = pick_fast<BF16, 2, 2, 0>(a.decode, a.nested, after);
@@ -523,13 +812,22 @@ FastLaunch plan_fast(const lk_decode_args& a, int sms) {
     k = pick_fast<BF16, 1, 1, 2>(a.decode, a.nested, after);
   else
     k = pick_fast<BF16, 1, 1, 0>(a.decode, a.nested, after);
-  return FastLaunch{k, tiles, warps};
+  return FastLaunch{k, tiles, warps, 0, 0};
 }
 
-int multiprocessors(int device) {
-  int sms = 132;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  return sms;
+// Above 48 KB a kernel must opt in to its dynamic shared memory, once per kernel and device.
+bool allow_smem(KernelFn k, int device, int bytes) {
+  if (bytes <= 48 * 1024) return true;
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(k), device);
+  if (done.count(key)) return true;
+  if (cudaFuncSetAttribute(reinterpret_cast<const void*>(k), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           device_limits(device).smem_optin) != cudaSuccess)
+    return false;
+  done.insert(key);
+  return true;
 }
 
 template <bool BF16>
@@ -540,8 +838,9 @@ void launch(const Params& p, int path, cudaStream_t stream) {
     decode_generic_kernel<BF16><<<grid, kGenericWarps * 32, 0, stream>>>(p);
     return;
   }
-  const FastLaunch f = plan_fast<BF16>(a, multiprocessors(a.device));
-  f.kernel<<<f.tiles, f.warps * 32, 0, stream>>>(p);
+  const FastLaunch f = plan_fast<BF16>(a, device_limits(a.device));
+  if (!allow_smem(f.kernel, a.device, f.smem)) return;  // the caller reads the error
+  f.kernel<<<f.tiles, f.warps * 32, f.smem, stream>>>(p);
 }
 
 }  // namespace
@@ -599,6 +898,9 @@ int lk_decode_path(const lk_decode_args* a) {
   if (a->decode == kLoadsOnly && (a->m > 8 || a->depth != 0 || a->force_generic)) return -1;
   if (a->warps < 0 || a->warps > kMaxWarps || (a->warps & (a->warps - 1))) return -1;
   if (a->depth != 0 && a->depth != 1 && a->depth != 2 && a->depth != 4) return -1;
+  if (a->pipeline != 0 && a->pipeline != 1) return -1;
+  // measurements of the register ring only
+  if (a->pipeline == 1 && (a->depth != 0 || a->decode == kLoadsOnly || a->row_tiles == 2)) return -1;
   if (a->force_generic) return 0;
   // The fast kernel's steps pair lanes over 64 elements of one block: K % 64 == 0, blocksize >= 64.
   const bool fast = a->k % 64 == 0 && ilog2_exact(a->blocksize) >= 6 &&
@@ -632,16 +934,20 @@ int lk_fast_launch(const lk_decode_args* args, int* out) {
   const int path = lk_decode_path(args);
   if (path < 0) return LK_BAD_ARGUMENT;
   if (path == 0) {
-    out[0] = out[1] = out[2] = out[3] = 0;
+    out[0] = out[1] = out[2] = out[3] = out[4] = out[5] = 0;
     return LK_OK;
   }
   const DeviceScope scope(args->device);
   if (!scope.ok) return LK_CUDA_ERROR;
-  const int sms = multiprocessors(args->device);
-  const FastLaunch f = args->dtype == LK_BF16 ? plan_fast<true>(*args, sms) : plan_fast<false>(*args, sms);
+  const DeviceLimits dev = device_limits(args->device);
+  const FastLaunch f = args->dtype == LK_BF16 ? plan_fast<true>(*args, dev) : plan_fast<false>(*args, dev);
   int resident = 0;
-  g_last_error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, f.kernel, f.warps * 32, 0);
-  out[0] = f.tiles, out[1] = f.warps, out[2] = resident, out[3] = sms;
+  if (!allow_smem(f.kernel, args->device, f.smem)) {
+    g_last_error = cudaGetLastError();
+    return LK_CUDA_ERROR;
+  }
+  g_last_error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, f.kernel, f.warps * 32, f.smem);
+  out[0] = f.tiles, out[1] = f.warps, out[2] = resident, out[3] = dev.sms, out[4] = f.pipeline, out[5] = f.smem;
   return g_last_error == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
 }
 

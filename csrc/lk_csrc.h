@@ -7,7 +7,7 @@
 extern "C" {
 #endif
 
-#define LK_CSRC_ABI_VERSION 2
+#define LK_CSRC_ABI_VERSION 3
 #define LK_API __attribute__((visibility("default")))  // the build hides everything else
 
 enum lk_status {
@@ -53,6 +53,8 @@ typedef struct lk_decode_args {
   int32_t row_tiles;  // 16-row tiles per warp in the fast kernel: 0 auto, 1, or 2 (M > 8 only)
   int32_t warps;      // warps per CTA in the fast kernel: 0 auto, else a power of two up to 16
   int32_t depth;      // steps of W loaded ahead in the M <= 8 kernel (measurement): 0 auto (4), 1, 2 or 4
+  int32_t pipeline;   // fast kernel's loads: 0 a register ring (measured on the H200), 1 cp.async stages in
+                      // shared memory (not yet run on a GPU); a nested absmax not 4-byte aligned takes 0
 } lk_decode_args;
 
 LK_API int lk_abi_version(void);
@@ -64,7 +66,8 @@ LK_API int lk_linear_decode_fwd(const lk_decode_args* args, void* stream);
 // Which kernel lk_linear_decode_fwd would launch for these args: 1 fast, 0 generic, <0 bad args.
 LK_API int lk_decode_path(const lk_decode_args* args);
 // The fast kernel's launch for these args (for measurement): out[0] CTAs, out[1] warps per CTA, out[2] CTAs
-// resident per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor), out[3] SMs; zeros for the generic kernel.
+// resident per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor), out[3] SMs, out[4] the pipeline taken,
+// out[5] dynamic shared memory bytes; zeros for the generic kernel. `out` holds 6 ints.
 LK_API int lk_fast_launch(const lk_decode_args* args, int* out);
 
 #ifdef __cplusplus

@@ -15,7 +15,10 @@ Also checks that the loop loads each step's W (two 128-bit streaming loads per 1
 Shared-memory-table kernels (the default decode) with SCALE_AFTER = true (blocksize >= 128) are held
 to --budget, the others (blocksize 64: one packed multiply per decoded pair) to --budget-prescaled;
 register-table (PRMT) kernels to --budget-prmt and exact-decode kernels to --budget-exact, or only reported
-without them.
+without them. The cp.async kernels (decode_async_kernel) have budgets of their own, --budget-async-table
+(shared table) and --budget-async-exact: their loop computes the scales' addresses, which the register ring
+left to its dependent loads. Their W copies (LDGSTS) are checked like the ring's W loads, plus one
+DEPBAR.LE SB0, 0x2 per step and no register load from global memory but x's.
 """
 import argparse
 import re
@@ -105,12 +108,13 @@ def main_loop(ins):
 
 
 def demangled_flags(name):
-    m = re.search(r"decode_fast_kernelILb(\d)ELi(\d)ELi(\d)ELb(\d)ELb(\d)ELi(\d)ELi(\d)E", name)
+    m = re.search(r"decode_(fast|async)_kernelILb(\d)ELi(\d)ELi(\d)ELb(\d)ELb(\d)ELi(\d)E(?:Li(\d)E)?", name)
     if not m:
         return None
-    bf16, nt, rt, nested, after, decode, depth = (int(g) for g in m.groups())
+    bf16, nt, rt, nested, after, decode = (int(g) for g in m.groups()[1:7])
     return dict(dtype="bf16" if bf16 else "fp16", nt=nt, rt=rt, nested=bool(nested), scale_after=bool(after),
-                smem=decode == 0, exact=decode == 2, loads_only=decode == 3, depth=depth)
+                smem=decode == 0, exact=decode == 2, loads_only=decode == 3, depth=int(m.group(8) or 0),
+                pipeline="async" if m.group(1) == "async" else "ring")
 
 
 def label(name):
@@ -120,7 +124,8 @@ def label(name):
         return f"generic {'bf16' if m and m.group(1) == '1' else 'fp16'}" if m else name
     table = ("smem-table" if f["smem"] else "exact" if f["exact"] else "loads-only" if f["loads_only"]
              else "prmt-table")
-    return (f"fast {table} {f['dtype']} M{'<=8' if f['nt'] == 1 else '<=16'} "
+    return (f"{'async' if f['pipeline'] == 'async' else 'fast'} {table} {f['dtype']} "
+            f"M{'<=8' if f['nt'] == 1 else '<=16'} "
             f"{f['rt'] * 16}-row "
             f"{'nested' if f['nested'] else 'fp32-absmax'} {'scale-after' if f['scale_after'] else 'prescaled'}"
             + (f" depth {f['depth']}" if f["depth"] else ""))
@@ -155,6 +160,8 @@ def main():
     ap.add_argument("--budget-prescaled", type=float, default=None)
     ap.add_argument("--budget-prmt", type=float, default=None)
     ap.add_argument("--budget-exact", type=float, default=None)
+    ap.add_argument("--budget-async-table", type=float, default=None)
+    ap.add_argument("--budget-async-exact", type=float, default=None)
     args = ap.parse_args()
     over = []
     if args.resources:
@@ -181,12 +188,28 @@ def main():
         elems = 8 * ops["HMMA"] // flags["nt"]
         # Each 128-wide step of a row tile is 8 HMMAs per token tile and two 16-byte streaming loads of W
         # (rows g and g + 8): a loop that decodes what it never loaded shows here, not only on a GPU.
-        w_loads = sum(1 for x, _ in body if re.search(r"\bLDG\.E\.NA\.128\b", x))
+        # The async kernel copies W with cp.async (LDGSTS, bypassing L1) and waits with DEPBAR.LE SB0, 2 once
+        # a step: three steps in flight. Its loop must load nothing else from HBM into registers (x, from L1/L2,
+        # is the only register load).
+        async_ = flags["pipeline"] == "async"
+        w_pat = r"\bLDGSTS\.E\.BYPASS\.128 \[[^]]*\], (?:desc\[[^]]*\])?\[[^]]*\]$" if async_ else r"\bLDG\.E\.NA\.128\b"
+        w_loads = sum(1 for x, _ in body if re.search(w_pat, x))
         if w_loads != ops["HMMA"] // (4 * flags["nt"]):
-            over.append(f"{arch} {name}: {w_loads} streaming W loads in the main loop for {ops['HMMA']} HMMA "
+            over.append(f"{arch} {name}: {w_loads} W loads in the main loop for {ops['HMMA']} HMMA "
                         f"(expected {ops['HMMA'] // (4 * flags['nt'])})")
+        if async_:
+            steps = ops["HMMA"] // (8 * flags["nt"] * flags["rt"])
+            waits = sum(1 for x, _ in body if re.search(r"\bDEPBAR\.LE SB0, 0x2\b", x))
+            other = [x for x, _ in body if re.search(r"\bLDG\b", x) and not re.search(r"\bLDG\.E\.128\.CONSTANT\b", x)]
+            if waits != steps or other:
+                over.append(f"{arch} {name}: {waits} DEPBAR.LE SB0, 0x2 for {steps} steps; register loads "
+                            f"other than x: {other[:3]}")
         per = len(body) / elems
-        if flags["exact"]:
+        if async_ and flags["exact"]:
+            budget = args.budget_async_exact
+        elif async_:
+            budget = args.budget_async_table if flags["smem"] else None
+        elif flags["exact"]:
             budget = args.budget_exact
         elif not flags["smem"]:
             budget = args.budget_prmt
@@ -197,7 +220,8 @@ def main():
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
         reach = w_load_reach(body)
         step = 8 * flags["nt"] * flags["rt"]  # HMMAs per 128-wide step
-        ahead = "" if reach is None else f"; W loads waited on after {reach} HMMA ({reach / step:.1f} steps)"
+        ahead = ("; cp.async, 2 steps ahead" if async_ else "" if reach is None
+                 else f"; W loads waited on after {reach} HMMA ({reach / step:.1f} steps)")
         print(f"{arch} {label(name)}: {len(body)} instructions / {elems} "
               f"elements per lane = {per:.2f} per element (budget {budget or 'report only'}){ahead} [{top}]")
         rows += 1

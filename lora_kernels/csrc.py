@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-ABI_VERSION = 2  # csrc/lk_csrc.h LK_CSRC_ABI_VERSION
+ABI_VERSION = 3  # csrc/lk_csrc.h LK_CSRC_ABI_VERSION
 MAX_M = 16
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 # lk_decode_args.decode. "exact" is bitsandbytes' own rounding (fp32 code * fp32 scale, rounded once); the
@@ -28,6 +28,9 @@ DECODES = {"shared": 0, "registers": 1, "exact": 2}
 # Without LORA_KERNELS_CSRC_DECODE: exact. On the H200 it gave bitsandbytes' weights bit for bit, and its kernel
 # took 29.8 / 35.6 us at 8192x8192 M = 1 / 16 against the shared table's 23.9 / 33.1 (e66ba9f, csrc/README.md).
 DEFAULT_DECODE = "exact"
+# The fast kernel's loads (lk_decode_args.pipeline). "ring" stays the default until "async" has run on a GPU.
+PIPELINES = {"ring": 0, "async": 1}
+DEFAULT_PIPELINE = "ring"
 BUILD_HINT = ("build it with `LORA_KERNELS_BUILD_CSRC=1 pip install -e .` (nvcc from PATH or the "
               "nvidia-cuda-nvcc==13.0.88 wheels; see csrc/README.md)")
 
@@ -47,7 +50,7 @@ class DecodeArgs(ctypes.Structure):
         ("blocksize", ctypes.c_int32), ("blocksize2", ctypes.c_int32), ("nested", ctypes.c_int32),
         ("dtype", ctypes.c_int32), ("scaling", ctypes.c_float), ("force_generic", ctypes.c_int32),
         ("device", ctypes.c_int32), ("decode", ctypes.c_int32), ("row_tiles", ctypes.c_int32),
-        ("warps", ctypes.c_int32), ("depth", ctypes.c_int32),
+        ("warps", ctypes.c_int32), ("depth", ctypes.c_int32), ("pipeline", ctypes.c_int32),
     ]
 
 
@@ -207,6 +210,13 @@ def _depth() -> int:
     return int(value or 0)
 
 
+def _pipeline(pipeline: Optional[str]) -> int:
+    value = pipeline or os.environ.get("LORA_KERNELS_CSRC_PIPELINE", "").strip().lower() or DEFAULT_PIPELINE
+    if value not in PIPELINES:
+        raise ValueError(f"pipeline (LORA_KERNELS_CSRC_PIPELINE) must be one of {sorted(PIPELINES)}, got {value!r}")
+    return PIPELINES[value]
+
+
 def _warps() -> int:
     value = os.environ.get("LORA_KERNELS_CSRC_WARPS", "").strip()
     if value not in ("", "0", "1", "2", "4", "8", "16"):
@@ -220,7 +230,8 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], scaling: float, out: Optional[torch.Tensor] = None,
-                      force_generic: bool = False, decode: Optional[str] = None) -> torch.Tensor:
+                      force_generic: bool = False, decode: Optional[str] = None,
+                      pipeline: Optional[str] = None) -> torch.Tensor:
     """out[M, N] = x decode(W)^T + scaling * xa b^T + bias, on x's current CUDA stream (graph-capturable).
 
     x [M, K] bf16/fp16 with M <= 16; q a lora_kernels.nf4.Quant4bit; xa [M, r] and b [N, r] in x's dtype
@@ -228,12 +239,14 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
     force_generic runs the element-wise kernel (tests). decode: the fast kernel's decode, "exact" (fp32 code *
     fp32 scale rounded once per element: bitsandbytes' weights bit for bit, the default), "shared" (256 byte ->
     code-pair entries in shared memory) or "registers" (16 codes, PRMT), both rounding the codes to the dtype
-    first; default from LORA_KERNELS_CSRC_DECODE.
+    first; default from LORA_KERNELS_CSRC_DECODE. pipeline: how the fast kernel's loop gets its loads, "ring"
+    (registers, the default: measured on the H200) or "async" (cp.async stages in shared memory: no GPU run
+    yet); default from LORA_KERNELS_CSRC_PIPELINE.
     For measuring: LORA_KERNELS_CSRC_ROW_TILES=1|2 fixes the 16-row tiles per warp at M > 8 (default: chosen
     by N), LORA_KERNELS_CSRC_WARPS=1..16 the warps per CTA (default: as many as keep one wave),
     LORA_KERNELS_CSRC_DEPTH=1|2|4 the 128-wide steps of W loaded ahead at M <= 8 (default 4).
     """
-    args, out, lib = _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode)
+    args, out, lib = _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode, pipeline)
     _launch(lib, args, x, q)
     return out
 
@@ -242,7 +255,7 @@ def loads_only_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optional[t
                    out: torch.Tensor) -> torch.Tensor:
     """Measurement only (csrc/bench_decode.py): the fast kernel's loads, scales, reduction and epilogue without its
     decode or MMAs, for M <= 8. What it writes to `out` is meaningless; the time says what the loads alone cost."""
-    args, out, lib = _decode_args(x, q, xa, b, None, 1.0, out, False, "exact")
+    args, out, lib = _decode_args(x, q, xa, b, None, 1.0, out, False, "exact", "ring")
     args.decode = 3
     _launch(lib, args, x, q)
     return out
@@ -257,23 +270,27 @@ def _launch(lib, args, x, q) -> None:
             detail += f": {lib.lk_last_cuda_error().decode()}"
         raise RuntimeError(f"lk_linear_decode_fwd returned {rc} ({detail}) for x {tuple(x.shape)} {x.dtype}, "
                            f"weight {args.n}x{args.k} blocksize {q.blocksize}{' nested' if q.nested else ''}, "
-                           f"r={args.r}, decode {args.decode}")
+                           f"r={args.r}, decode {args.decode}, pipeline {args.pipeline}")
 
 
 def launch_plan(x: torch.Tensor, q, xa: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None,
-                decode: Optional[str] = None) -> dict:
+                decode: Optional[str] = None, pipeline: Optional[str] = None) -> dict:
     """How linear_decode_fwd would launch for these arguments (measurement): {'ctas', 'warps',
-    'resident_per_sm' (CUDA's occupancy calculator), 'sms'}; all 0 when the generic kernel would run."""
-    args, _, lib = _decode_args(x, q, xa, b, None, 1.0, None, False, decode)
-    got = (ctypes.c_int * 4)()
+    'resident_per_sm' (CUDA's occupancy calculator), 'sms', 'pipeline' (the one taken: "ring" or "async"),
+    'smem' (dynamic shared memory bytes)}; all 0 (pipeline None) when the generic kernel would run."""
+    args, _, lib = _decode_args(x, q, xa, b, None, 1.0, None, False, decode, pipeline)
+    got = (ctypes.c_int * 6)()
     rc = lib.lk_fast_launch(ctypes.byref(args), got)
     if rc != 0:
         raise RuntimeError(f"lk_fast_launch returned {rc} ({lib.lk_status_string(rc).decode()})")
-    return dict(ctas=got[0], warps=got[1], resident_per_sm=got[2], sms=got[3])
+    names = {v: k for k, v in PIPELINES.items()}
+    return dict(ctas=got[0], warps=got[1], resident_per_sm=got[2], sms=got[3],
+                pipeline=names[got[4]] if got[0] else None, smem=got[5])
 
 
-def _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode):
+def _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode, pipeline=None):
     """(lk_decode_args, out, library) after checking every argument."""
+    pipeline_id = _pipeline(pipeline)
     decode = decode or os.environ.get("LORA_KERNELS_CSRC_DECODE", "").strip().lower() or DEFAULT_DECODE
     if decode not in DECODES:
         raise ValueError(f"decode (LORA_KERNELS_CSRC_DECODE) must be one of {sorted(DECODES)}, got {decode!r}")
@@ -341,6 +358,6 @@ def _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode):
         m=m, n=n, k=k, r=r, blocksize=q.blocksize, blocksize2=q.blocksize2 if q.nested else 0,
         nested=int(q.nested), dtype=_DTYPES[x.dtype], scaling=float(scaling), force_generic=int(force_generic),
         device=device.index if device.index is not None else 0, decode=DECODES[decode],
-        row_tiles=_row_tiles(), warps=_warps(), depth=_depth(),
+        row_tiles=_row_tiles(), warps=_warps(), depth=_depth(), pipeline=pipeline_id,
     )
     return args, out, lib

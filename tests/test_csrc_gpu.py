@@ -45,7 +45,7 @@ def random_quant(n, k, *, blocksize=64, nested=True, seed=0, device="cuda"):
 
 
 def run_case(n, k, m, *, dtype=torch.bfloat16, blocksize=64, nested=True, r=16, bias=True, force_generic=False,
-             factor=4.0, decode=None):
+             factor=4.0, decode=None, pipeline=None):
     q = random_quant(n, k, blocksize=blocksize, nested=nested, seed=n + k + m)
     g = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
@@ -53,7 +53,7 @@ def run_case(n, k, m, *, dtype=torch.bfloat16, blocksize=64, nested=True, r=16, 
     b = (torch.randn(n, r, generator=g, device="cuda") / r**0.5).to(dtype) if r else None
     bs = torch.randn(n, generator=g, device="cuda").to(dtype) if bias else None
     s = 0.5
-    out = csrc.linear_decode_fwd(x, q, xa, b, bs, s, force_generic=force_generic, decode=decode)
+    out = csrc.linear_decode_fwd(x, q, xa, b, bs, s, force_generic=force_generic, decode=decode, pipeline=pipeline)
     torch.cuda.synchronize()
     w = dequantize_4bit_ref(q, dtype)  # bit-exact bitsandbytes decode, in the dtype
     oracle = x.double() @ w.double().t()
@@ -138,7 +138,43 @@ def test_no_lora_no_bias():
     run_case(2048, 2048, 4, r=0, bias=False)
 
 
-def test_cuda_graph_capture():
+@pytest.mark.parametrize("decode", ["exact", "shared", "registers"])
+@pytest.mark.parametrize("n,k,m,nested,blocksize", [
+    (8192, 8192, 1, True, 64), (8192, 8192, 16, True, 64), (14336, 4096, 1, False, 128), (4096, 14336, 16, False, 64),
+    (1024, 4096, 9, True, 256), (100, 4096 + 64, 5, True, 64), (50, 320, 16, False, 64), (4096, 4096, 3, True, 4096)])
+def test_async_pipeline(n, k, m, nested, blocksize, decode):
+    """The cp.async pipeline against the reference, and bit for bit against the register ring: both run the same
+    scales, decode, MMAs and reduction in the same order (same warps per CTA unless shared memory forced fewer)."""
+    x_args = dict(blocksize=blocksize, nested=nested, decode=decode, factor=2.0 if decode == "exact" else 4.0)
+    ring = run_case(n, k, m, pipeline="ring", **x_args)
+    got = run_case(n, k, m, pipeline="async", **x_args)
+    q = random_quant(n, k, blocksize=blocksize, nested=nested)
+    x = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+    plans = [csrc.launch_plan(x, q, decode=decode, pipeline=p) for p in ("ring", "async")]
+    assert plans[1]["pipeline"] == "async" and plans[1]["smem"] > 0, plans
+    if plans[0]["warps"] == plans[1]["warps"]:  # the same split of K: the same sums
+        assert torch.equal(got, ring), f"{(got != ring).sum().item()} outputs differ from the register ring"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested,blocksize,m", [(True, 64, 16), (False, 128, 8), (True, 256, 1)])
+def test_async_exact_decode_gives_the_reference_weights(dtype, nested, blocksize, m):
+    n, k = 1024 + 48, 512 + 64
+    q = random_quant(n, k, blocksize=blocksize, nested=nested, seed=blocksize + m)
+    w = dequantize_4bit_ref(q, dtype)
+    got = torch.empty_like(w)
+    for k0 in range(0, k, m):
+        cols = torch.arange(k0, min(k0 + m, k), device="cuda")
+        x = torch.zeros(m, k, device="cuda", dtype=dtype)
+        x[torch.arange(len(cols), device="cuda"), cols] = 1
+        y = csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode="exact", pipeline="async")
+        got[:, cols] = y[: len(cols)].t()
+    assert torch.equal(got, w), f"{(got != w).sum().item()} of {w.numel()} weights differ"
+
+
+@pytest.mark.parametrize("pipeline", ["ring", "async"])
+def test_cuda_graph_capture(monkeypatch, pipeline):
+    monkeypatch.setenv("LORA_KERNELS_CSRC_PIPELINE", pipeline)
     n, k, m = 4096, 4096, 8
     q = random_quant(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

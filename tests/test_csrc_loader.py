@@ -31,7 +31,8 @@ const char* lk_status_string(int s) { return s == 0 ? "ok" : "fake failure"; }
 const char* lk_last_cuda_error(void) { return "fake cuda error"; }
 int lk_decode_path(const lk_decode_args* a) { return a->m <= 16 ? 1 : -1; }
 int lk_fast_launch(const lk_decode_args* a, int* out) {
-  last = *a; out[0] = (a->n + 15) / 16; out[1] = 4; out[2] = 4; out[3] = 132; return 0;
+  last = *a; out[0] = (a->n + 15) / 16; out[1] = 4; out[2] = 4; out[3] = 132; out[4] = a->pipeline;
+  out[5] = a->pipeline ? 53264 : 0; return 0;
 }
 int lk_linear_decode_fwd(const lk_decode_args* a, void* stream) {
   last = *a; last_stream = stream; ++calls; return next_status;
@@ -299,8 +300,20 @@ def test_launch_plan_and_depth(fake, monkeypatch):
     packed, state, _ = quantized(64, 128, nested=False)
     q = read_quant_state(packed, state)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
-    assert csrc.launch_plan(x, q) == dict(ctas=4, warps=4, resident_per_sm=4, sms=132)
+    assert csrc.launch_plan(x, q) == dict(ctas=4, warps=4, resident_per_sm=4, sms=132, pipeline="ring", smem=0)
     assert _last(fake).decode == csrc.DECODES["exact"] and _last(fake).n == 64
+    assert _last(fake).pipeline == 0  # the register ring stays the default until the cp.async one ran on a GPU
+    assert csrc.launch_plan(x, q, pipeline="async") == dict(ctas=4, warps=4, resident_per_sm=4, sms=132,
+                                                            pipeline="async", smem=53264)
+    monkeypatch.setenv("LORA_KERNELS_CSRC_PIPELINE", "async")
+    csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
+    assert _last(fake).pipeline == 1
+    csrc.linear_decode_fwd(x, q, None, None, None, 1.0, pipeline="ring")  # the argument wins
+    assert _last(fake).pipeline == 0
+    monkeypatch.setenv("LORA_KERNELS_CSRC_PIPELINE", "stages")
+    with pytest.raises(ValueError, match="LORA_KERNELS_CSRC_PIPELINE"):
+        csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
+    monkeypatch.delenv("LORA_KERNELS_CSRC_PIPELINE")
     monkeypatch.setenv("LORA_KERNELS_CSRC_DEPTH", "2")
     csrc.linear_decode_fwd(x, q, None, None, None, 1.0)
     assert _last(fake).depth == 2
