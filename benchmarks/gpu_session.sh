@@ -26,15 +26,15 @@ timeout "${PROBE_S:-60}" python3 benchmarks/gpu_probe.py --pieces 1024x1024x16 -
 echo "probe: exit $?"; grep -E "pieces|===" "$OUT/probe.txt"
 # the fused 4-bit forward per config, code lookup from registers (configs.CODE_REGS) and gathered, pipelined
 # (the autotune list) and one stage, beside dequantize + cuBLAS: the data for configs.DEQUANT_PATH_MIN_M
-timeout "${SWEEP_S:-90}" python3 benchmarks/gpu_probe.py --sweep 8192x8192x1,8192x8192x16,8192x8192x4096 \
+timeout "${SWEEP_S:-45}" python3 benchmarks/gpu_probe.py --sweep 8192x8192x1,8192x8192x16,8192x8192x4096 \
   --configs 16x64x128w4s4,16x64x128w4s1,128x128x64w8s3 --code regs,gather >> "$OUT/probe.txt" 2>&1
 echo "sweep: exit $?"; grep -A7 "=== sweep" "$OUT/probe.txt"
 # csrc/ (only when lora_kernels/_csrc*.so was built on the CPU machine and carried): tests, then timings
 if ls lora_kernels/_csrc*.so >/dev/null 2>&1; then
   { echo "=== tests/test_csrc_gpu.py"
-    timeout "${CSRC_TEST_S:-45}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_csrc_gpu.py; } >> "$OUT/gpu-tests.log" 2>&1
+    timeout "${CSRC_TEST_S:-75}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_csrc_gpu.py; } >> "$OUT/gpu-tests.log" 2>&1
   echo "csrc tests: exit $?"; tail -n 5 "$OUT/gpu-tests.log"
-  timeout "${CSRC_BENCH_S:-110}" python3 csrc/bench_decode.py --warps-sweep 8192x8192 --csv "$OUT/csrc-decode.csv" 2>&1 \
+  timeout "${CSRC_BENCH_S:-120}" python3 csrc/bench_decode.py --warps-sweep 8192x8192 --csv "$OUT/csrc-decode.csv" 2>&1 \
     | grep -v -i warn
   echo "csrc bench: exit ${PIPESTATUS[0]}"
 fi

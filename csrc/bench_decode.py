@@ -7,14 +7,16 @@ Needs lora_kernels/_csrc*.so (built on a CPU machine and carried over) and CUDA;
 NF4-layout data (no bitsandbytes needed). The L2 is flushed by a read before every run. Columns, all in us:
 - kern_*: kernel device time from torch.profiler, per decode (exact, shared, registers), the exact decode
   without LoRA and bias, the loads alone (no decode or MMA; M <= 8, else nan), and cuBLAS bf16 on a dense W;
+  kern_async_*: the same decodes with the cp.async pipeline (LORA_KERNELS_CSRC_PIPELINE=async) instead of the
+  register ring;
 - wall_*: CUDA-event time of the kernel call (launch latency included); read_wall: torch.sum over as many
   bytes as the kernel reads;
 - op_auto / op_dequant / op_fused: CUDA-event time of the whole qlora_linear call (host time included) on the
   default path (csrc at M <= 16 when built), LORA_KERNELS_PATH=dequant and =fused (the Triton decode path);
 - floor: the bytes (packed W, scales, x, y, B) at the datasheet bandwidth (--bw, TB/s).
 '# launch' lines give each decode's CTAs, warps per CTA and resident CTAs per SM (CUDA's occupancy calculator);
---warps-sweep adds the shared and exact kernels at every warps-per-CTA count and, at M <= 8, every W prefetch
-depth, for the shapes named.
+--warps-sweep adds the shared and exact kernels (both pipelines) at every warps-per-CTA count and, at M <= 8,
+every register-ring prefetch depth, for the shapes named.
 """
 import argparse
 import os
@@ -116,7 +118,8 @@ def main():
              f" CUDA-event time (launch latency and, for op_*, host time included), L2 flushed by a read before"
              f" each run; floor = bytes at {bw} TB/s; read_wall = event time of torch.sum over as many bytes",
              "n,k,m,kern_exact,kern_shared,kern_registers,kern_exact_nolora,kern_loads_only,kern_cublas,wall_exact,"
-             "wall_cublas,read_wall,op_auto,op_dequant,op_fused,floor,kern_exact_vs_floor,wall_exact_vs_read"]
+             "wall_cublas,read_wall,op_auto,op_dequant,op_fused,floor,kern_exact_vs_floor,wall_exact_vs_read,"
+             "kern_async_exact,kern_async_shared,kern_async_registers,kern_async_exact_vs_floor"]
     print("\n".join(lines), flush=True)
 
     def with_env(env, fn):
@@ -139,13 +142,16 @@ def main():
             nbytes = q.packed.numel() + q.absmax.numel() * q.absmax.element_size() + 2 * (m * k + m * n + n * args.r)
             row = {}
 
-            def kern(decode, lora=True, **env):
-                call = (lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out, decode=decode)) if lora else \
-                    (lambda: csrc.linear_decode_fwd(x, q, None, None, None, 0.5, out=out, decode=decode))
+            def kern(decode, lora=True, pipeline="ring", **env):
+                call = (lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out, decode=decode,
+                                                       pipeline=pipeline)) if lora else \
+                    (lambda: csrc.linear_decode_fwd(x, q, None, None, None, 0.5, out=out, decode=decode,
+                                                    pipeline=pipeline))
                 return with_env(env, lambda: kernel_us(call))
 
             for decode in ("exact", "shared", "registers"):
                 row[f"kern_{decode}"] = kern(decode)
+                row[f"kern_async_{decode}"] = kern(decode, pipeline="async")
             row["kern_exact_nolora"] = kern("exact", lora=False)
             # the same loads, scales, reduction and epilogue without decode or MMA (M <= 8 only; nan above)
             row["kern_loads_only"] = kernel_us(lambda: csrc.loads_only_fwd(x, q, xa, b, out)) if m <= 8 else float("nan")
@@ -162,20 +168,26 @@ def main():
             cols = ["kern_exact", "kern_shared", "kern_registers", "kern_exact_nolora", "kern_loads_only", "kern_cublas",
                     "wall_exact", "wall_cublas", "read_wall", "op_auto", "op_dequant", "op_fused"]
             line = (f"{n},{k},{m}," + ",".join(f"{row[c]:.1f}" for c in cols) +
-                    f",{floor:.1f},{row['kern_exact'] / floor:.2f},{row['wall_exact'] / row['read_wall']:.2f}")
+                    f",{floor:.1f},{row['kern_exact'] / floor:.2f},{row['wall_exact'] / row['read_wall']:.2f}," +
+                    ",".join(f"{row[f'kern_async_{d}']:.1f}" for d in ("exact", "shared", "registers")) +
+                    f",{row['kern_async_exact'] / floor:.2f}")
             print(line, flush=True)
             lines.append(line)
-            for decode in ("exact", "shared", "registers"):
-                plan = csrc.launch_plan(x, q, xa, b, decode=decode)
-                sweep_lines.append(f"# launch {n}x{k} M={m} {decode}: {plan['ctas']} CTAs of {plan['warps']} warps, "
-                                   f"{plan['resident_per_sm']} resident per SM x {plan['sms']} SMs")
-                print(sweep_lines[-1], flush=True)
+            for pipeline in ("ring", "async"):
+                for decode in ("exact", "shared", "registers"):
+                    plan = csrc.launch_plan(x, q, xa, b, decode=decode, pipeline=pipeline)
+                    sweep_lines.append(f"# launch {n}x{k} M={m} {decode} {plan['pipeline']}: {plan['ctas']} CTAs of "
+                                       f"{plan['warps']} warps, {plan['smem']} B dynamic shared memory, "
+                                       f"{plan['resident_per_sm']} resident per SM x {plan['sms']} SMs")
+                    print(sweep_lines[-1], flush=True)
             if (n, k) in sweep:
                 for decode in ("exact", "shared"):
-                    times = {wp: kern(decode, LORA_KERNELS_CSRC_WARPS=str(wp)) for wp in (1, 2, 4, 8, 16)}
-                    sweep_lines.append(f"# warps sweep {n}x{k} M={m} {decode} (kernel us): " +
-                                       ", ".join(f"{wp} warps {t:.1f}" for wp, t in times.items()))
-                    print(sweep_lines[-1], flush=True)
+                    for pipeline in ("ring", "async"):
+                        times = {wp: kern(decode, pipeline=pipeline, LORA_KERNELS_CSRC_WARPS=str(wp))
+                                 for wp in (1, 2, 4, 8, 16)}
+                        sweep_lines.append(f"# warps sweep {n}x{k} M={m} {decode} {pipeline} (kernel us): " +
+                                           ", ".join(f"{wp} warps {t:.1f}" for wp, t in times.items()))
+                        print(sweep_lines[-1], flush=True)
                     if m <= 8:
                         times = {d: kern(decode, LORA_KERNELS_CSRC_DEPTH=str(d)) for d in (1, 2, 4)}
                         sweep_lines.append(f"# depth sweep {n}x{k} M={m} {decode} (kernel us): " +
