@@ -481,17 +481,31 @@ struct AsyncLayout {
         w(rt * 1024),
         stage(w + rt * 128 * (nested ? 2 : 1)),
         per_warp(stages * stage) {}
-  __host__ __device__ int bytes(int warps, int rt) const {
-    const int red = warps * kRows * rt * 16 * 4, used = table + code2 + warps * per_warp;
+  __host__ __device__ int rings_end(int warps) const { return table + code2 + warps * per_warp; }
+  // Total bytes: after the rings, the bias of the CTA's rows (fp32) and `lora` bytes of LoRA operands.
+  __host__ __device__ int bytes(int warps, int rt, int lora) const {
+    const int red = warps * kRows * rt * 16 * 4, used = rings_end(warps) + kRows * rt * 4 + lora;
     return used > red ? used : red;
   }
 };
 
-// decode_fast_kernel's computation with every load of its loop (W, the raw block scales, x) copied by cp.async
-// into a per-warp ring of shared-memory stages, stages - 1 steps ahead of the decode, and the nested scales'
-// code2 table in shared memory: the loop loads nothing from global memory into registers.
+// The epilogue's LoRA operands (this CTA's rows of b, and xa) are copied into shared memory after the rings
+// with the last prologue stage, when they are 16-bit pairs a 4-byte cp.async can take and r <= kLoraMaxR: the register
+// ring's epilogue waits on r dependent loads (the LoRA term was 3.5 of its 29.8 us at r = 16 on the H200).
+constexpr int kLoraMaxR = 64;
+__host__ __device__ inline int lora_smem_bytes(const lk_decode_args& a, int cta_rows) {
+  const bool fits = a.r > 0 && a.r <= kLoraMaxR && a.r % 2 == 0 && a.b_col == 1 && a.xa_col == 1 &&
+                    a.b_row % 2 == 0 && a.xa_row % 2 == 0 && (reinterpret_cast<uintptr_t>(a.b) & 3u) == 0 &&
+                    (reinterpret_cast<uintptr_t>(a.xa) & 3u) == 0;
+  return fits ? ((cta_rows + a.m) * a.r * 2 + 15) / 16 * 16 : 0;
+}
+
+// decode_fast_kernel's computation with the loop's HBM loads (W and its raw block scales) copied by cp.async into
+// a per-warp ring of shared-memory stages, stages - 1 steps ahead of the decode, and the nested scales' code2
+// table in shared memory: the loop's only register loads are x's, from L1/L2. (The nested byte's aligned word
+// may read up to 3 bytes past absmax's end: inside the allocation's 256-byte granule, never a fault.)
 template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, int DECODE>
-__global__ void __launch_bounds__(kMaxWarps * 32) decode_async_kernel(const Params p) {
+__global__ void __launch_bounds__(kMaxWarps * 32, 1) decode_async_kernel(const Params p) {
   constexpr bool EXACT = DECODE == kExact, SMEM = DECODE == kShared || EXACT;
   static_assert(!(EXACT && SCALE_AFTER), "the exact decode scales each element before rounding it");
   static_assert(DECODE != kLoadsOnly, "no loads-only variant");
@@ -506,6 +520,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_async_kernel(const Para
   const int g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kCtaRows;
   constexpr AsyncLayout L(DECODE, NESTED, RT);
+  static_assert(L.stages == DS, "the layout's ring and the loop's wait depth must agree");
   const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t code2_s = sbase + L.table;
   const uint32_t ring = sbase + L.table + L.code2 + warp * L.per_warp;
@@ -517,7 +532,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_async_kernel(const Para
   const int wstep = stride >> 1;
   const int kb0 = warp * kStep;
   const int nfull = K - kb0 >= kStep ? (K - kb0 - kStep) / stride + 1 : 0;
-  // K % 128 == 64 (blocksize 64 only): one warp has a last 64-wide step (TAIL), where lanes t = 2, 3 are past
+  // K % 128 == 64: one warp has a last 64-wide step (TAIL), where lanes t = 2, 3 are past
   // the row's end: they copy zeros (W; x stays zeros) and fetch an in-range scale they do not use.
   const bool tail = kb0 + nfull * stride < K;
   using Full = std::false_type;
@@ -564,11 +579,32 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_async_kernel(const Para
   // The first stages' copies go out before the tables are built, so their latency overlaps it.
   // One commit group per step, empty past the last full one: wait_group<DS - 2> then means "step j landed".
   // The tail step (rare: K % 128 == 64) is copied after the loop, so the loop's code is the full steps only.
+  // The LoRA operands' copies (below) join the last prologue group, done before the epilogue needs them.
 #pragma unroll
-  for (int d = 0; d < DS - 1; ++d) {
+  for (int d = 0; d < DS - 2; ++d) {
     if (d < nfull) issue(d, Full());
     cp_async_commit();
   }
+  if (DS - 2 < nfull) issue(DS - 2, Full());
+  // LoRA operands: [b rows of this CTA][r] then [xa tokens][r], 16-bit, in the last prologue group; every
+  // thread's wait_group 0 and the barrier before the reduction make them visible to the epilogue's threads
+  const bool lora_s = lora_smem_bytes(a, kCtaRows) > 0;
+  const uint32_t bias_at = sbase + L.rings_end(nwarps), lora_at = bias_at + 4 * kCtaRows;
+  if (lora_s) {
+    const int words = a.r >> 1, rows = kCtaRows + M;
+    for (int i = threadIdx.x; i < rows * words; i += blockDim.x) {
+      const int row = i / words, wd = i - row * words;
+      const T* src = row < kCtaRows ? static_cast<const T*>(a.b) + (int64_t)min(row0 + row, a.n - 1) * a.b_row
+                                    : static_cast<const T*>(a.xa) + (int64_t)(row - kCtaRows) * a.xa_row;
+      cp_async4(lora_at + 4 * i, src + 2 * wd);
+    }
+  }
+  cp_async_commit();
+  // The CTA's bias, loaded now (while the tables are built) into shared memory: a register held through the
+  // loop was spilled on sm_80. The barriers before the epilogue make it visible.
+  if (a.bias && threadIdx.x < kCtaRows)
+    smem[(bias_at - sbase) / 4 + threadIdx.x] = __float_as_uint(
+        Elem<BF16>::load(a.bias, (int64_t)min(row0 + (int)threadIdx.x, a.n - 1) * a.bias_stride));
   const Decoder<BF16, DECODE> decode = make_decoder<BF16, DECODE>(a.code, smem, p.base3210, lane);
   // code2 and the offset; read from shared memory at each step (a register would be spilled: ptxas kept the
   // offset on the stack and reloaded it every step)
@@ -652,12 +688,24 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_async_kernel(const Para
       red[warp][r + 8][c + 1] = acc[rt][nt][3];
     }
   __syncthreads();
+  using E = Elem<BF16>;
+  const T* lora = reinterpret_cast<const T*>(reinterpret_cast<const char*>(smem) + (lora_at - sbase));
   for (int e = threadIdx.x; e < kCtaRows * a.m; e += blockDim.x) {
     const int row = e % kCtaRows, tok = e / kCtaRows, n = row0 + row;
     if (n >= a.n) continue;
     float s = 0.f;
     for (int w = 0; w < nwarps; ++w) s += red[w][row][tok];
-    epilogue<BF16>(a, tok, n, s);
+    if (!lora_s) {
+      epilogue<BF16>(a, tok, n, s);
+      continue;
+    }
+    // epilogue()'s arithmetic, in its order, from shared memory and the preloaded bias
+    float l = 0.f;
+    for (int j = 0; j < a.r; ++j)
+      l = fmaf(E::load(lora, (int64_t)(kCtaRows + tok) * a.r + j), E::load(lora, (int64_t)row * a.r + j), l);
+    s = fmaf(a.scaling, l, s);
+    if (a.bias) s += ldsf(bias_at + 4 * row);
+    E::store(a.out, tok * a.out_row + n, s);
   }
 }
 
@@ -755,18 +803,20 @@ struct FastLaunch {
 struct DeviceLimits {
   int sms = 0, smem_optin = 0;
 };
-DeviceLimits device_limits(int device) {
-  static DeviceLimits cache[64];
-  if (device < 0 || device >= 64) device = 0;
-  DeviceLimits& d = cache[device];
-  if (!d.sms) {
-    int sms = 132, optin = 48 * 1024;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    d.smem_optin = optin;
-    d.sms = sms;  // written last: a racing reader sees either nothing or both
-  }
+DeviceLimits query_limits(int device) {
+  DeviceLimits d;
+  d.sms = 132, d.smem_optin = 48 * 1024;
+  cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   return d;
+}
+DeviceLimits device_limits(int device) {
+  constexpr int kCached = 64;
+  static DeviceLimits cache[kCached];
+  static std::once_flag once[kCached];
+  if (device < 0 || device >= kCached) return query_limits(device);
+  std::call_once(once[device], [device] { cache[device] = query_limits(device); });
+  return cache[device];
 }
 
 // The async kernel copies the nested scales' byte as the aligned 4-byte word holding it.
@@ -796,10 +846,11 @@ FastLaunch plan_fast(const lk_decode_args& a, const DeviceLimits& dev) {
   const bool after = a.blocksize >= kStep && a.k % kStep == 0;
   if (async) {
     const AsyncLayout L(a.decode, a.nested, 1);
-    while (warps > 1 && L.bytes(warps, 1) > dev.smem_optin) warps /= 2;
+    const int lora = lora_smem_bytes(a, kRows);
+    while (warps > 1 && L.bytes(warps, 1, lora) > dev.smem_optin) warps /= 2;
     const KernelFn k = a.m > 8 ? pick_async<BF16, 2, 1>(a.decode, a.nested, after)
                                : pick_async<BF16, 1, 1>(a.decode, a.nested, after);
-    return FastLaunch{k, tiles, warps, 1, L.bytes(warps, 1)};
+    return FastLaunch{k, tiles, warps, 1, L.bytes(warps, 1, lora)};
   }
   KernelFn k;
   if (rt == 2)

@@ -141,19 +141,31 @@ def test_no_lora_no_bias():
 @pytest.mark.parametrize("decode", ["exact", "shared", "registers"])
 @pytest.mark.parametrize("n,k,m,nested,blocksize", [
     (8192, 8192, 1, True, 64), (8192, 8192, 16, True, 64), (14336, 4096, 1, False, 128), (4096, 14336, 16, False, 64),
-    (1024, 4096, 9, True, 256), (100, 4096 + 64, 5, True, 64), (50, 320, 16, False, 64), (4096, 4096, 3, True, 4096)])
-def test_async_pipeline(n, k, m, nested, blocksize, decode):
-    """The cp.async pipeline against the reference, and bit for bit against the register ring: both run the same
-    scales, decode, MMAs and reduction in the same order (same warps per CTA unless shared memory forced fewer)."""
+    (1024, 4096, 9, True, 256), (100, 4096 + 64, 5, True, 64), (50, 320, 16, False, 64), (4096, 4096, 3, True, 4096),
+    (256, 4096 + 64, 3, False, 128)])  # K % 128 == 64: the tail step, blocksize 64 and 128
+def test_async_pipeline(monkeypatch, n, k, m, nested, blocksize, decode):
+    """The cp.async pipeline against the reference with its own launch, and bit for bit against the register ring
+    with the same launch (16-row CTAs, 4 warps): both run the same scales, decode, MMAs and reduction in order."""
     x_args = dict(blocksize=blocksize, nested=nested, decode=decode, factor=2.0 if decode == "exact" else 4.0)
+    run_case(n, k, m, pipeline="async", **x_args)
+    q = random_quant(n, k, blocksize=blocksize, nested=nested)
+    plan = csrc.launch_plan(torch.empty(m, k, device="cuda", dtype=torch.bfloat16), q, decode=decode, pipeline="async")
+    assert plan["pipeline"] == "async" and plan["smem"] > 0, plan
+    monkeypatch.setenv("LORA_KERNELS_CSRC_ROW_TILES", "1")
+    monkeypatch.setenv("LORA_KERNELS_CSRC_WARPS", "4")
     ring = run_case(n, k, m, pipeline="ring", **x_args)
     got = run_case(n, k, m, pipeline="async", **x_args)
-    q = random_quant(n, k, blocksize=blocksize, nested=nested)
-    x = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
-    plans = [csrc.launch_plan(x, q, decode=decode, pipeline=p) for p in ("ring", "async")]
-    assert plans[1]["pipeline"] == "async" and plans[1]["smem"] > 0, plans
-    if plans[0]["warps"] == plans[1]["warps"]:  # the same split of K: the same sums
-        assert torch.equal(got, ring), f"{(got != ring).sum().item()} outputs differ from the register ring"
+    assert torch.equal(got, ring), f"{(got != ring).sum().item()} outputs differ from the register ring"
+
+
+@pytest.mark.parametrize("r", [1, 15, 16, 64, 96])
+@pytest.mark.parametrize("m", [1, 16])
+def test_async_lora_operands(r, m):
+    """The async kernel's epilogue reads b and xa from shared memory for even r <= 64 (else from global memory,
+    as the ring does): the same sums as the ring either way, bias included."""
+    ring = run_case(1000, 4096, m, r=r, pipeline="ring", decode="exact", factor=2.0)
+    got = run_case(1000, 4096, m, r=r, pipeline="async", decode="exact", factor=2.0)
+    assert torch.equal(got, ring), f"{(got != ring).sum().item()} outputs differ from the register ring"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
