@@ -29,4 +29,4 @@ python csrc/sass_count.py "$TMP/sass.txt" --resources "$TMP/res.txt" --budget 3.
   --budget-exact 4.2 --budget-async-table 3.5 --budget-async-exact 4.5
 python -c "import lora_kernels as lk; s = lk.backends()['csrc']; print('csrc:', s); assert s['found'], s"
 python -m pytest -q tests/test_csrc_build.py tests/test_csrc_decode.py tests/test_csrc_loader.py tests/test_csrc_library.py \
-  tests/test_csrc_gpu.py
+  tests/test_csrc_gpu.py tests/test_csrc_model.py tests/test_sass_count.py

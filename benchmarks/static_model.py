@@ -996,7 +996,7 @@ def markdown(preds, dev: Device, env, calib) -> str:
              f"bf16, NF4 blocksize {BS} with double quantization. ms per call; `vs cuBLAS` = lora_kernels / cuBLAS "
              f"bf16 (r = 0); lora_kernels takes the path configs.choose_path dispatches to; the fused GEMM's tile is "
              f"the model's pick among the autotuner's candidates, with its bound. Calibration: {calib}. Triton "
-             "kernels only (csrc/ CUDA kernels are not modelled); host overhead (Python, autograd) is not "
+             "kernels only (csrc/ CUDA kernels: benchmarks/csrc_model.py); host overhead (Python, autograd) is not "
              "modelled; launches count 2 us each.", ""]
     for bench in ("layer_fwd", "layer_fwd_bwd"):
         keys = [key for key in preds if key[0] == bench]
