@@ -85,19 +85,7 @@ def count_library(so: str) -> dict:
     tool = _cuobjdump()
     sass = subprocess.run([tool, "--dump-sass", so], capture_output=True, text=True, check=True).stdout
     res = subprocess.run([tool, "--dump-resource-usage", so], capture_output=True, text=True, check=True).stdout
-    usage = {}
-    arch = None
-    name = None
-    for line in res.splitlines():
-        m = re.search(r"arch = (sm_\d+)", line)
-        if m:
-            arch = m.group(1)
-        m = re.match(r"\s*Function (\S+):", line)
-        if m:
-            name = m.group(1)
-        m = re.search(r"REG:(\d+) STACK:\d+ SHARED:(\d+)", line)
-        if m and name and arch == "sm_90":
-            usage[name] = (int(m.group(1)), int(m.group(2)))
+    usage = {name: (reg, shared) for arch, name, reg, _, shared, _ in sc.resource_usage(res) if arch == "sm_90"}
     out = {}
     for arch, name, ins in sc.parse(sass):
         f = sc.demangled_flags(name)

@@ -126,18 +126,56 @@ __device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a1, u
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// y = acc + scaling * xa[m] . b[n] + bias[n], rounded once to the dtype.
+// y[m, n] = acc + scaling * xa . b + bias, rounded once to the dtype; xa and b point at token m's and row n's r
+// LoRA elements (element steps xa_col, b_col), in global or shared memory; bias is used when a.bias is set.
 template <bool BF16>
-__device__ __forceinline__ void epilogue(const lk_decode_args& a, int m, int n, float acc) {
+__device__ __forceinline__ void finish(const lk_decode_args& a, int m, int n, float acc, const void* xa,
+                                       int64_t xa_col, const void* b, int64_t b_col, float bias) {
   using E = Elem<BF16>;
   if (a.r > 0) {
     float l = 0.f;
-    for (int j = 0; j < a.r; ++j)
-      l = fmaf(E::load(a.xa, m * a.xa_row + j * a.xa_col), E::load(a.b, n * a.b_row + j * a.b_col), l);
+    for (int j = 0; j < a.r; ++j) l = fmaf(E::load(xa, j * xa_col), E::load(b, j * b_col), l);
     acc = fmaf(a.scaling, l, acc);
   }
-  if (a.bias) acc += E::load(a.bias, n * a.bias_stride);
+  if (a.bias) acc += bias;
   E::store(a.out, m * a.out_row + n, acc);
+}
+
+// finish() with every operand from global memory.
+template <bool BF16>
+__device__ __forceinline__ void epilogue(const lk_decode_args& a, int m, int n, float acc) {
+  using T = typename Elem<BF16>::T;
+  finish<BF16>(a, m, n, acc, static_cast<const T*>(a.xa) + m * a.xa_row, a.xa_col,
+               static_cast<const T*>(a.b) + n * a.b_row, a.b_col, a.bias ? Elem<BF16>::load(a.bias, n * a.bias_stride) : 0.f);
+}
+
+// The split-K partial sums of a CTA's warps meet in shared memory (red, from 0: the caller has synced after the
+// loop); then each output (row, token) of the CTA is summed over the warps and handed to out(tok, n, row, sum).
+template <int RT, int NT, typename Out>
+__device__ __forceinline__ void reduce_partials(uint32_t* smem, const float (&acc)[RT][NT][4], const lk_decode_args& a,
+                                                int row0, Out out) {
+  constexpr int kCtaRows = kRows * RT;
+  float(*red)[kCtaRows][16] = reinterpret_cast<float(*)[kCtaRows][16]>(smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = 8 * nt + 2 * t, r = kRows * rt + g;
+      red[warp][r][c] = acc[rt][nt][0];
+      red[warp][r][c + 1] = acc[rt][nt][1];
+      red[warp][r + 8][c] = acc[rt][nt][2];
+      red[warp][r + 8][c + 1] = acc[rt][nt][3];
+    }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kCtaRows * a.m; e += blockDim.x) {
+    const int row = e % kCtaRows, tok = e / kCtaRows, n = row0 + row;
+    if (n >= a.n) continue;
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += red[w][row][tok];
+    out(tok, n, row, s);
+  }
 }
 
 // One 128-wide step of a warp: 64 weight elements per lane (32 of row g, 32 of row g+8).
@@ -241,6 +279,22 @@ __device__ __forceinline__ Decoder<BF16, DECODE> make_decoder(const float* code,
   return d;
 }
 
+// Lane (g, t)'s first step at kb0: its 16 packed bytes of rows g and g + 8 of each row tile (rows past N re-read
+// row N - 1; their sums are never stored), and the flat index of the element whose block scale it fetches: row
+// g or g + 8 by t's low bit, the step's first or second 64 elements by its high bit.
+template <int RT>
+__device__ __forceinline__ void w_start(const lk_decode_args& a, int row0, int kb0, int g, int t, uint32_t (&fs)[RT],
+                                        const uint8_t* (&pa)[RT], const uint8_t* (&pb)[RT]) {
+  const int K = a.k;
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const int ra = min(row0 + kRows * rt + g, a.n - 1), rb = min(row0 + kRows * rt + g + 8, a.n - 1);
+    fs[rt] = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2) + kb0);
+    pa[rt] = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
+    pb[rt] = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
+  }
+}
+
 // Steps of W (and their scales) in flight per warp, and of x. One 16-row tile with one token tile keeps
 // three steps of W in flight beyond the one it decodes (3 KB per warp: HBM latency times the SM's share of
 // bandwidth is about 30 KB per SM, at 16 warps per SM). Two token tiles (64 registers of x per step) leave
@@ -266,7 +320,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   // always hit 32 different banks); EXACT: byte -> the two fp32 codes, one copy per lane of a half-warp
   // (a 64-bit load serves 16 lanes at a time). Afterwards the split-K partial sums. Else only the latter.
   __shared__ __align__(16) uint32_t smem[SMEM && kTableWords > kRed ? kTableWords : kRed];
-  float(*red)[kCtaRows][16] = reinterpret_cast<float(*)[kCtaRows][16]>(smem);
   const lk_decode_args& a = p.a;
   const int K = a.k;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -285,14 +338,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   uint32_t fs[RT];  // flat index of the element whose block scale this lane fetches, at the next issued step
   const uint8_t* pa[RT];
   const uint8_t* pb[RT];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-    // Rows past N re-read row N-1; their sums are never stored.
-    const int ra = min(row0 + kRows * rt + g, a.n - 1), rb = min(row0 + kRows * rt + g + 8, a.n - 1);
-    fs[rt] = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2) + kb0);
-    pa[rt] = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
-    pb[rt] = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
-  }
+  w_start<RT>(a, row0, kb0, g, t, fs, pa, pb);
   const T* xp[NT];
   bool xok[NT];
 #pragma unroll
@@ -426,24 +472,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) decode_fast_kernel(const Param
   }
 
   if (SMEM) __syncthreads();  // every warp is done with the table before it holds partial sums
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int c = 8 * nt + 2 * t, r = kRows * rt + g;
-      red[warp][r][c] = acc[rt][nt][0];
-      red[warp][r][c + 1] = acc[rt][nt][1];
-      red[warp][r + 8][c] = acc[rt][nt][2];
-      red[warp][r + 8][c + 1] = acc[rt][nt][3];
-    }
-  __syncthreads();
-  for (int e = threadIdx.x; e < kCtaRows * a.m; e += blockDim.x) {
-    const int row = e % kCtaRows, tok = e / kCtaRows, n = row0 + row;
-    if (n >= a.n) continue;
-    float s = 0.f;
-    for (int w = 0; w < nwarps; ++w) s += red[w][row][tok];
-    epilogue<BF16>(a, tok, n, s);
-  }
+  reduce_partials<RT, NT>(smem, acc, a, row0, [&](int tok, int n, int, float sum) { epilogue<BF16>(a, tok, n, sum); });
 }
 
 // cp.async (sm_80+): global -> shared copies that complete in commit groups; waiting for all but the newest
@@ -513,7 +542,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) decode_async_kernel(const P
   constexpr int kCtaRows = kRows * RT;
   using T = typename Elem<BF16>::T;
   extern __shared__ __align__(16) uint32_t smem[];
-  float(*red)[kCtaRows][16] = reinterpret_cast<float(*)[kCtaRows][16]>(smem);
   const lk_decode_args& a = p.a;
   const int K = a.k, M = a.m;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -540,13 +568,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) decode_async_kernel(const P
   uint32_t fs[RT];  // flat index of the element whose block scale this lane copies, at the next issued step
   const uint8_t* pa[RT];
   const uint8_t* pb[RT];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
-    const int ra = min(row0 + kRows * rt + g, a.n - 1), rb = min(row0 + kRows * rt + g + 8, a.n - 1);
-    fs[rt] = opaque((uint32_t)((t & 1) ? rb : ra) * (uint32_t)K + 32u * (t & 2) + kb0);
-    pa[rt] = a.packed + (size_t)ra * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
-    pb[rt] = a.packed + (size_t)rb * (uint32_t)(K >> 1) + (kb0 >> 1) + 16 * t;
-  }
+  w_start<RT>(a, row0, kb0, g, t, fs, pa, pb);
   uint32_t fr[RT];  // the same index at the step being decoded (the nested byte's place in its word)
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) fr[rt] = fs[rt];
@@ -677,36 +699,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) decode_async_kernel(const P
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the table and its ring before they hold partial sums
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int c = 8 * nt + 2 * t, r = kRows * rt + g;
-      red[warp][r][c] = acc[rt][nt][0];
-      red[warp][r][c + 1] = acc[rt][nt][1];
-      red[warp][r + 8][c] = acc[rt][nt][2];
-      red[warp][r + 8][c + 1] = acc[rt][nt][3];
-    }
-  __syncthreads();
-  using E = Elem<BF16>;
   const T* lora = reinterpret_cast<const T*>(reinterpret_cast<const char*>(smem) + (lora_at - sbase));
-  for (int e = threadIdx.x; e < kCtaRows * a.m; e += blockDim.x) {
-    const int row = e % kCtaRows, tok = e / kCtaRows, n = row0 + row;
-    if (n >= a.n) continue;
-    float s = 0.f;
-    for (int w = 0; w < nwarps; ++w) s += red[w][row][tok];
-    if (!lora_s) {
-      epilogue<BF16>(a, tok, n, s);
-      continue;
-    }
-    // epilogue()'s arithmetic, in its order, from shared memory and the preloaded bias
-    float l = 0.f;
-    for (int j = 0; j < a.r; ++j)
-      l = fmaf(E::load(lora, (int64_t)(kCtaRows + tok) * a.r + j), E::load(lora, (int64_t)row * a.r + j), l);
-    s = fmaf(a.scaling, l, s);
-    if (a.bias) s += ldsf(bias_at + 4 * row);
-    E::store(a.out, tok * a.out_row + n, s);
-  }
+  reduce_partials<RT, NT>(smem, acc, a, row0, [&](int tok, int n, int row, float sum) {
+    const float bias = ldsf(bias_at + 4 * row);
+    if (lora_s)
+      finish<BF16>(a, tok, n, sum, lora + (kCtaRows + tok) * a.r, 1, lora + row * a.r, 1, bias);
+    else
+      finish<BF16>(a, tok, n, sum, static_cast<const T*>(a.xa) + tok * a.xa_row, a.xa_col,
+                   static_cast<const T*>(a.b) + n * a.b_row, a.b_col, bias);
+  });
 }
 
 // One warp per row, any K: each weight element decoded exactly as bitsandbytes (fp32 product,

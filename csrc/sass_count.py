@@ -131,9 +131,9 @@ def label(name):
             + (f" depth {f['depth']}" if f["depth"] else ""))
 
 
-def check_resources(text):
-    """Lines of 'arch kernel: REG n' and the problems (stack/local memory) found."""
-    rows, bad, arch, name = [], [], None, None
+def resource_usage(text):
+    """[(arch, function name, REG, STACK, SHARED, LOCAL)] from cuobjdump --dump-resource-usage, in file order."""
+    out, arch, name = [], None, None
     for line in text.splitlines():
         m = re.search(r"arch = (sm_\d+)", line)
         if m:
@@ -143,12 +143,18 @@ def check_resources(text):
             name = m.group(1)
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
         if m and name:
-            reg, stack, shared, local = (int(v) for v in m.groups())
-            short = label(name)
-            rows.append((arch, short, reg, shared))
-            if stack or local:
-                bad.append(f"{arch} {name}: STACK {stack} LOCAL {local} (spills or local arrays)")
+            out.append((arch, name, *(int(v) for v in m.groups())))
             name = None
+    return out
+
+
+def check_resources(text):
+    """Lines of 'arch kernel: REG n' and the problems (stack/local memory) found."""
+    rows, bad = [], []
+    for arch, name, reg, stack, shared, local in resource_usage(text):
+        rows.append((arch, label(name), reg, shared))
+        if stack or local:
+            bad.append(f"{arch} {name}: STACK {stack} LOCAL {local} (spills or local arrays)")
     return sorted(set(rows)), bad
 
 
