@@ -115,35 +115,55 @@ class Launch:
     smem: int  # dynamic shared memory (async)
 
 
-def plan(pipeline, decode, n, k, m, r, nested, dev: Device, smem_optin=227 * 1024) -> Launch:
-    """plan_fast (csrc/linear_decode.cu) for these arguments, auto row tiles and warps."""
+def async_smem(decode, nested, rt, warps, m, r):
+    """AsyncLayout::bytes (csrc/linear_decode.cu) with the LoRA operands of lora_smem_bytes."""
+    stage = rt * (1024 + 128 * (2 if nested else 1))
+    lora = ((KROWS * rt + m) * r * 2 + 15) // 16 * 16 if 0 < r <= LORA_MAX_R and r % 2 == 0 else 0
+    used = (TABLE_BYTES if decode != "registers" else 0) + (1040 if nested else 0) + \
+        warps * ASYNC_STAGES * stage + KROWS * rt * 4 + lora
+    return max(used, warps * KROWS * rt * 16 * 4)
+
+
+def plan(pipeline, decode, n, k, m, r, nested, dev: Device, smem_optin=227 * 1024, variants=None) -> Launch:
+    """plan_fast / plan_async (csrc/linear_decode.cu) for these arguments, auto row tiles and warps. The async
+    choice needs each kernel's registers (variants, from count_library); without them registers do not limit."""
     sms = dev.sms
-    if pipeline == "async" or m <= 8:
+    steps = -(-k // KSTEP)
+    nt = 2 if m > 8 else 1
+    if pipeline == "async":
+        best, best_score = None, -1
+        for rt in (1, 2):
+            v = (variants or {}).get(("async", decode, nt, rt, nested, False))
+            ctas = -(-n // (rt * KROWS))
+            w = 1
+            while w <= (8 if rt == 2 else 16):
+                if w == 1 or w <= steps:
+                    smem = async_smem(decode, nested, rt, w, m, r)
+                    if smem <= smem_optin:
+                        ln = Launch(rt, nt, ctas, w, smem)
+                        resident = occupancy(v, ln, dev) if v else dev.smem_per_sm // (smem + 1024)
+                        per_sm = -(-ctas // sms)
+                        wps = min(resident, per_sm) * w
+                        score = ((resident >= per_sm) << 20) + ((wps >= 8) << 19) + \
+                            ((rt == (2 if m > 8 else 1)) << 18) + min(wps, 16) * 64 + (16 - w)
+                        if resident >= 1 and score > best_score:
+                            best, best_score = ln, score
+                w *= 2
+        return best
+    if m <= 8:
         rt = 1
     else:
         rt = 2 if (n + 2 * KROWS - 1) // (2 * KROWS) >= (3 * sms) // 4 else 1
     ctas = -(-n // (rt * KROWS))
-    steps = -(-k // KSTEP)
     warps = 1
     while warps < 16 and warps * 2 * ctas <= 16 * sms and warps * 2 <= steps:
         warps *= 2
-    smem = 0
-    if pipeline == "async":
-        def size(w):
-            stage = 1024 + 128 * (2 if nested else 1)
-            lora = ((KROWS + m) * r * 2 + 15) // 16 * 16 if 0 < r <= LORA_MAX_R and r % 2 == 0 else 0
-            used = (TABLE_BYTES if decode != "registers" else 0) + (1040 if nested else 0) + \
-                w * ASYNC_STAGES * stage + KROWS * 4 + lora
-            return max(used, w * KROWS * 16 * 4)
-        while warps > 1 and size(warps) > smem_optin:
-            warps //= 2
-        smem = size(warps)
-    return Launch(rt, 2 if m > 8 else 1, ctas, warps, smem)
+    return Launch(rt, nt, ctas, warps, 0)
 
 
 def occupancy(v: Variant, ln: Launch, dev: Device) -> int:
     """CTAs per SM from registers (256-register units per warp), shared memory (1 KiB reserved per CTA;
-    cuobjdump's sm_90 figure for static shared memory includes it), threads and the CTA limit."""
+    cuobjdump's sm_90 figure for static shared memory includes it), threads and the CTA limit (at least 1)."""
     per_warp = math.ceil(max(v.regs, 1) * 32 / 256) * 256
     by_regs = (dev.regs_per_sm // per_warp) // ln.warps
     smem = v.static_smem + (ln.smem + 1024 if ln.smem else 0)
@@ -241,7 +261,7 @@ def predict(variants, shapes, ms, r, dev: Device):
         for m in ms:
             for pipeline in ("ring", "async"):
                 for decode in ("exact", "shared", "registers"):
-                    ln = plan(pipeline, decode, n, k, m, r, True, dev)
+                    ln = plan(pipeline, decode, n, k, m, r, True, dev, variants=variants)
                     v = variants.get((pipeline, decode, ln.nt, ln.rt, True, False))
                     if v is None:
                         continue

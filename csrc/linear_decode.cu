@@ -13,8 +13,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -529,12 +531,18 @@ __host__ __device__ inline int lora_smem_bytes(const lk_decode_args& a, int cta_
   return fits ? ((cta_rows + a.m) * a.r * 2 + 15) / 16 * 16 : 0;
 }
 
+// Warps per CTA of the async kernel: two row tiles need more than the 128 registers a thread of a 16-warp CTA
+// may have (they spilled), so at most 8 warps (255 registers). __launch_bounds__'s one CTA per SM: without it
+// ptxas held the sm_80 build to 64 registers and spilled.
+template <int RT>
+constexpr int kAsyncMaxWarps = RT == 2 ? 8 : kMaxWarps;
+
 // decode_fast_kernel's computation with the loop's HBM loads (W and its raw block scales) copied by cp.async into
 // a per-warp ring of shared-memory stages, stages - 1 steps ahead of the decode, and the nested scales' code2
 // table in shared memory: the loop's only register loads are x's, from L1/L2. (The nested byte's aligned word
 // may read up to 3 bytes past absmax's end: inside the allocation's 256-byte granule, never a fault.)
 template <bool BF16, int NT, int RT, bool NESTED, bool SCALE_AFTER, int DECODE>
-__global__ void __launch_bounds__(kMaxWarps * 32, 1) decode_async_kernel(const Params p) {
+__global__ void __launch_bounds__(kAsyncMaxWarps<RT> * 32, 1) decode_async_kernel(const Params p) {
   constexpr bool EXACT = DECODE == kExact, SMEM = DECODE == kShared || EXACT;
   static_assert(!(EXACT && SCALE_AFTER), "the exact decode scales each element before rounding it");
   static_assert(DECODE != kLoadsOnly, "no loads-only variant");
@@ -825,48 +833,6 @@ bool async_applies(const lk_decode_args& a) {
   return !a.nested || (reinterpret_cast<uintptr_t>(a.absmax) & 3u) == 0;
 }
 
-template <bool BF16>
-FastLaunch plan_fast(const lk_decode_args& a, const DeviceLimits& dev) {
-  const int sms = dev.sms;
-  // M > 8 (two n8 token tiles): two row tiles per warp share each x fragment, which halves the x traffic
-  // through L1 (otherwise 4 bytes per packed weight byte, beside the table's 4), when N still gives
-  // about one such CTA per SM.
-  // The async kernel has 16-row CTAs only (two row tiles spilled).
-  const bool async = a.pipeline == 1 && async_applies(a);
-  const int rt = async || a.m <= 8 ? 1
-                 : a.row_tiles     ? a.row_tiles
-                 : (a.n + 2 * kRows - 1) / (2 * kRows) >= (3 * sms) / 4 ? 2
-                                                                         : 1;
-  const int tiles = (a.n + rt * kRows - 1) / (rt * kRows);
-  const int steps = (a.k + kStep - 1) / kStep;
-  // Warps per CTA (split-K inside the CTA): the most that keeps every CTA resident in one wave at
-  // about 16 warps per SM (enough 16-byte loads in flight for HBM), never more than K's 128-wide steps.
-  int warps = 1;
-  while (warps < kMaxWarps && warps * 2 * tiles <= 16 * sms && warps * 2 <= steps) warps *= 2;
-  if (a.warps) warps = a.warps;  // fixed by the caller (measurement)
-  const bool after = a.blocksize >= kStep && a.k % kStep == 0;
-  if (async) {
-    const AsyncLayout L(a.decode, a.nested, 1);
-    const int lora = lora_smem_bytes(a, kRows);
-    while (warps > 1 && L.bytes(warps, 1, lora) > dev.smem_optin) warps /= 2;
-    const KernelFn k = a.m > 8 ? pick_async<BF16, 2, 1>(a.decode, a.nested, after)
-                               : pick_async<BF16, 1, 1>(a.decode, a.nested, after);
-    return FastLaunch{k, tiles, warps, 1, L.bytes(warps, 1, lora)};
-  }
-  KernelFn k;
-  if (rt == 2)
-    k = pick_fast<BF16, 2, 2, 0>(a.decode, a.nested, after);
-  else if (a.m > 8)
-    k = pick_fast<BF16, 2, 1, 0>(a.decode, a.nested, after);
-  else if (a.depth == 1)
-    k = pick_fast<BF16, 1, 1, 1>(a.decode, a.nested, after);
-  else if (a.depth == 2)
-    k = pick_fast<BF16, 1, 1, 2>(a.decode, a.nested, after);
-  else
-    k = pick_fast<BF16, 1, 1, 0>(a.decode, a.nested, after);
-  return FastLaunch{k, tiles, warps, 0, 0};
-}
-
 // Above 48 KB a kernel must opt in to its dynamic shared memory, once per kernel and device.
 bool allow_smem(KernelFn k, int device, int bytes) {
   if (bytes <= 48 * 1024) return true;
@@ -882,17 +848,112 @@ bool allow_smem(KernelFn k, int device, int bytes) {
   return true;
 }
 
+// CTAs of kernel k resident per SM at this many warps and bytes of dynamic shared memory (CUDA's occupancy
+// calculator, which counts registers too), cached: the async launcher weighs several launches per shape.
+int resident_ctas(KernelFn k, int device, int warps, int smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, int>, int> done;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(k), device, warps, smem);
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = done.find(key);
+    if (it != done.end()) return it->second;
+  }
+  int n = 0;
+  if (!allow_smem(k, device, smem) ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, warps * 32, smem) != cudaSuccess)
+    return 0;  // the launch reports the error
+  const std::lock_guard<std::mutex> lock(mu);
+  done[key] = n;
+  return n;
+}
+
+// The async kernel's launch: 16- or 32-row CTAs (32 share the decode table and x, at most 8 warps), 1..16 warps
+// (split-K inside the CTA, never more than K's steps). Best: every CTA resident in one wave; then at least 8
+// warps per SM; then 32-row CTAs at M > 8 (half the x traffic from L2), 16-row ones at M <= 8; then the most
+// warps per SM up to 16; then fewer warps per CTA. Fixed row tiles or warps (measurement) narrow the choice.
 template <bool BF16>
-void launch(const Params& p, int path, cudaStream_t stream) {
+FastLaunch plan_async(const lk_decode_args& a, const DeviceLimits& dev, bool after) {
+  const int steps = (a.k + kStep - 1) / kStep, prefer_rt = a.m > 8 ? 2 : 1;
+  FastLaunch best{nullptr, 0, 0, 1, 0};
+  long best_score = -1;
+  for (int rt = 1; rt <= 2; ++rt) {
+    if (a.row_tiles && rt != a.row_tiles) continue;
+    const KernelFn k = rt == 2 ? (a.m > 8 ? pick_async<BF16, 2, 2>(a.decode, a.nested, after)
+                                          : pick_async<BF16, 1, 2>(a.decode, a.nested, after))
+                               : (a.m > 8 ? pick_async<BF16, 2, 1>(a.decode, a.nested, after)
+                                          : pick_async<BF16, 1, 1>(a.decode, a.nested, after));
+    const AsyncLayout L(a.decode, a.nested, rt);
+    const int lora = lora_smem_bytes(a, kRows * rt), tiles = (a.n + rt * kRows - 1) / (rt * kRows);
+    const int top = rt == 2 ? kAsyncMaxWarps<2> : kAsyncMaxWarps<1>;
+    for (int w = 1; w <= top; w *= 2) {
+      if (a.warps ? w != a.warps : (w > 1 && w > steps)) continue;
+      const int smem = L.bytes(w, rt, lora);
+      if (smem > dev.smem_optin) continue;
+      const int resident = resident_ctas(k, a.device, w, smem);
+      if (resident < 1) continue;
+      const int per_sm = (tiles + dev.sms - 1) / dev.sms;
+      const int warps_per_sm = (resident < per_sm ? resident : per_sm) * w;
+      const long score = (resident >= per_sm ? 1L << 20 : 0) + (warps_per_sm >= 8 ? 1L << 19 : 0) +
+                         (rt == prefer_rt ? 1L << 18 : 0) + (warps_per_sm < 16 ? warps_per_sm : 16) * 64 + (16 - w);
+      if (score > best_score) best_score = score, best = FastLaunch{k, tiles, w, 1, smem};
+    }
+  }
+  return best;
+}
+
+template <bool BF16>
+FastLaunch plan_fast(const lk_decode_args& a, const DeviceLimits& dev) {
+  const int sms = dev.sms;
+  // M > 8 (two n8 token tiles): two row tiles per warp share each x fragment, which halves the x traffic
+  // through L1 (otherwise 4 bytes per packed weight byte, beside the table's 4), when N still gives
+  // about one such CTA per SM.
+  const bool async = a.pipeline == 1 && async_applies(a);
+  const int rt = a.m <= 8 ? 1
+                 : a.row_tiles     ? a.row_tiles
+                 : (a.n + 2 * kRows - 1) / (2 * kRows) >= (3 * sms) / 4 ? 2
+                                                                         : 1;
+  const int tiles = (a.n + rt * kRows - 1) / (rt * kRows);
+  const int steps = (a.k + kStep - 1) / kStep;
+  // Warps per CTA (split-K inside the CTA): the most that keeps every CTA resident in one wave at
+  // about 16 warps per SM (enough 16-byte loads in flight for HBM), never more than K's 128-wide steps.
+  int warps = 1;
+  while (warps < kMaxWarps && warps * 2 * tiles <= 16 * sms && warps * 2 <= steps) warps *= 2;
+  if (a.warps) warps = a.warps;  // fixed by the caller (measurement)
+  const bool after = a.blocksize >= kStep && a.k % kStep == 0;
+  if (async) return plan_async<BF16>(a, dev, after);
+  KernelFn k;
+  if (rt == 2)
+    k = pick_fast<BF16, 2, 2, 0>(a.decode, a.nested, after);
+  else if (a.m > 8)
+    k = pick_fast<BF16, 2, 1, 0>(a.decode, a.nested, after);
+  else if (a.depth == 1)
+    k = pick_fast<BF16, 1, 1, 1>(a.decode, a.nested, after);
+  else if (a.depth == 2)
+    k = pick_fast<BF16, 1, 1, 2>(a.decode, a.nested, after);
+  else
+    k = pick_fast<BF16, 1, 1, 0>(a.decode, a.nested, after);
+  return FastLaunch{k, tiles, warps, 0, 0};
+}
+
+// Launches the kernel for `path`; the launch's error, or cudaErrorInvalidConfiguration when no async launch fits
+// (every occupancy query failed).
+template <bool BF16>
+cudaError_t launch(const Params& p, int path, cudaStream_t stream) {
   const lk_decode_args& a = p.a;
   if (path == 0) {
     const int grid = (a.n + kGenericWarps - 1) / kGenericWarps;
     decode_generic_kernel<BF16><<<grid, kGenericWarps * 32, 0, stream>>>(p);
-    return;
+    return cudaGetLastError();
   }
   const FastLaunch f = plan_fast<BF16>(a, device_limits(a.device));
-  if (!allow_smem(f.kernel, a.device, f.smem)) return;  // the caller reads the error
+  if (!f.kernel) {
+    const cudaError_t e = cudaGetLastError();
+    return e != cudaSuccess ? e : cudaErrorInvalidConfiguration;
+  }
+  if (!allow_smem(f.kernel, a.device, f.smem)) return cudaGetLastError();
   f.kernel<<<f.tiles, f.warps * 32, f.smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -952,7 +1013,9 @@ int lk_decode_path(const lk_decode_args* a) {
   if (a->depth != 0 && a->depth != 1 && a->depth != 2 && a->depth != 4) return -1;
   if (a->pipeline != 0 && a->pipeline != 1) return -1;
   // measurements of the register ring only
-  if (a->pipeline == 1 && (a->depth != 0 || a->decode == kLoadsOnly || a->row_tiles == 2)) return -1;
+  if (a->pipeline == 1 && (a->depth != 0 || a->decode == kLoadsOnly)) return -1;
+  // two row tiles (forced, or chosen at M > 8) take at most 8 warps in the async kernel
+  if (a->pipeline == 1 && a->m > 8 && a->row_tiles != 1 && a->warps > kAsyncMaxWarps<2>) return -1;
   if (a->force_generic) return 0;
   // The fast kernel's steps pair lanes over 64 elements of one block: K % 64 == 0, blocksize >= 64.
   const bool fast = a->k % 64 == 0 && ilog2_exact(a->blocksize) >= 6 &&
@@ -972,11 +1035,7 @@ int lk_linear_decode_fwd(const lk_decode_args* args, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const DeviceScope scope(args->device);
   if (!scope.ok) return LK_CUDA_ERROR;
-  if (args->dtype == LK_BF16)
-    launch<true>(p, path, s);
-  else
-    launch<false>(p, path, s);
-  g_last_error = cudaGetLastError();
+  g_last_error = args->dtype == LK_BF16 ? launch<true>(p, path, s) : launch<false>(p, path, s);
   return g_last_error == cudaSuccess ? LK_OK : LK_CUDA_ERROR;
 }
 
@@ -994,8 +1053,9 @@ int lk_fast_launch(const lk_decode_args* args, int* out) {
   const DeviceLimits dev = device_limits(args->device);
   const FastLaunch f = args->dtype == LK_BF16 ? plan_fast<true>(*args, dev) : plan_fast<false>(*args, dev);
   int resident = 0;
-  if (!allow_smem(f.kernel, args->device, f.smem)) {
+  if (!f.kernel || !allow_smem(f.kernel, args->device, f.smem)) {
     g_last_error = cudaGetLastError();
+    if (g_last_error == cudaSuccess) g_last_error = cudaErrorInvalidConfiguration;
     return LK_CUDA_ERROR;
   }
   g_last_error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, f.kernel, f.warps * 32, f.smem);

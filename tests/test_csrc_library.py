@@ -50,6 +50,7 @@ def test_fast_or_generic(lib):
     assert path(lib, decode=2) == path(lib, decode=1) == path(lib, warps=16) == path(lib, depth=1) == 1
     assert path(lib, decode=3) == 1  # loads only (measurement): M <= 8, default depth
     assert path(lib, pipeline=1) == path(lib, pipeline=1, m=16, decode=1) == 1  # cp.async stages
+    assert path(lib, pipeline=1, m=16, row_tiles=2, warps=8) == path(lib, pipeline=1, m=16, row_tiles=1, warps=16) == 1
     # a nested absmax that is not 4-byte aligned still takes the fast kernel (the register ring)
     assert path(lib, pipeline=1, nested=1, blocksize2=256, code2=1, absmax2=1, offset=1, absmax=0x40001) == 1
 
@@ -60,7 +61,9 @@ def test_bad_arguments(lib):
                 dict(decode=4), dict(decode=-1), dict(decode=3, m=9), dict(decode=3, depth=2), dict(warps=3), dict(warps=32), dict(warps=-1),
                 dict(depth=3), dict(depth=8), dict(pipeline=2), dict(pipeline=-1),
                 # the register ring's measurement knobs do not apply to the cp.async pipeline
-                dict(pipeline=1, depth=2), dict(pipeline=1, decode=3), dict(pipeline=1, m=16, row_tiles=2)):
+                dict(pipeline=1, depth=2), dict(pipeline=1, decode=3),
+                # the async kernel's two row tiles take at most 8 warps
+                dict(pipeline=1, m=16, row_tiles=2, warps=16), dict(pipeline=1, m=16, warps=16)):
         assert path(lib, **bad) < 0, bad
         assert lib.lk_linear_decode_fwd(ctypes.byref(args(**bad)), None) == 1, bad
 
@@ -68,7 +71,11 @@ def test_bad_arguments(lib):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path of a machine without a GPU")
 def test_no_gpu_is_a_cuda_error(lib):
     assert lib.lk_linear_decode_fwd(ctypes.byref(args()), None) == 2
+    # the async launcher's occupancy queries fail too: a CUDA error, not a crash or a silent no-op
+    assert lib.lk_linear_decode_fwd(ctypes.byref(args(pipeline=1)), None) == 2
+    assert lib.lk_linear_decode_fwd(ctypes.byref(args(pipeline=1, m=16)), None) == 2
     out = (ctypes.c_int * 6)()
+    assert lib.lk_fast_launch(ctypes.byref(args(pipeline=1)), out) == 2
     assert lib.lk_fast_launch(ctypes.byref(args()), out) == 2  # the occupancy query needs a device too
     assert lib.lk_fast_launch(ctypes.byref(args(m=0)), out) == 1
     assert lib.lk_last_cuda_error().decode()  # the CUDA runtime's own message

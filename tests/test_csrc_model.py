@@ -21,11 +21,18 @@ def test_plan_mirrors_the_launcher():
     # kernel has 16-row CTAs only, and its ring of 4 stages per warp in dynamic shared memory
     assert cm.plan("ring", "exact", 8192, 8192, 1, 16, True, H200) == cm.Launch(1, 1, 512, 4, 0)
     assert cm.plan("ring", "exact", 8192, 8192, 16, 16, True, H200) == cm.Launch(2, 2, 256, 8, 0)
-    ln = cm.plan("async", "exact", 8192, 8192, 16, 16, True, H200)
+    ln = cm.plan("async", "exact", 8192, 8192, 1, 16, True, H200)
     assert (ln.rt, ln.ctas, ln.warps) == (1, 512, 4)
-    # table 32 KB + code2 1040 + 4 warps x 4 stages x (1024 + 256) + bias 64 + LoRA (16 + 16) x 16 x 2
-    assert ln.smem == 32768 + 1040 + 4 * 4 * 1280 + 64 + 1024
+    # table 32 KB + code2 1040 + 4 warps x 4 stages x (1024 + 256) + bias 64 + LoRA (16 + 1) x 16 x 2
+    assert ln.smem == 32768 + 1040 + 4 * 4 * 1280 + 64 + 544
+    # M > 8: 32-row CTAs (half the x traffic), 4 warps: 8 warps' rings would leave one CTA per SM (two waves)
+    ln = cm.plan("async", "exact", 8192, 8192, 16, 16, True, H200)
+    assert (ln.rt, ln.ctas, ln.warps) == (2, 256, 4)
+    assert ln.smem == 32768 + 1040 + 4 * 4 * 2 * 1280 + 128 + (32 + 16) * 16 * 2
     assert cm.plan("async", "registers", 8192, 8192, 1, 96, True, H200).smem == 1040 + 4 * 4 * 1280 + 64  # r > 64
+    # 14336 rows at M = 1: 16-row CTAs cannot all be resident with the table; 32-row ones can (2 warps)
+    ln = cm.plan("async", "exact", 14336, 4096, 1, 16, True, H200)
+    assert (ln.rt, ln.ctas, ln.warps) == (2, 448, 2)
 
 
 def test_serial_ring_pays_a_round_trip_per_step():
@@ -43,8 +50,8 @@ def test_async_bounds():
     t, bound, _ = cm.kernel_time(variant("async", per_step=260), ln, 8192, 8192, 1, 16, H200)
     floor = cm.floor_s(8192, 8192, 1, 16, H200)
     assert bound in ("issue", "hbm") and floor < t < 2 * floor
-    # at M = 16 x comes from L2 once per 16-row CTA: 4 bytes per packed byte, more than HBM's
-    ln16 = cm.plan("async", "exact", 8192, 8192, 16, 16, True, H200)
+    # at M = 16 with 16-row CTAs x comes from L2 once per 16 rows: 4 bytes per packed byte, more than HBM's
+    ln16 = cm.Launch(1, 2, 512, 4, cm.async_smem("exact", True, 1, 4, 16, 16))
     _, bound16, _ = cm.kernel_time(variant("async", per_step=280, nt=2), ln16, 8192, 8192, 16, 16, H200)
     assert bound16 == "l2"
 
