@@ -709,7 +709,7 @@ __global__ void __launch_bounds__(kAsyncMaxWarps<RT> * 32, 1) decode_async_kerne
   __syncthreads();  // every warp is done with the table and its ring before they hold partial sums
   const T* lora = reinterpret_cast<const T*>(reinterpret_cast<const char*>(smem) + (lora_at - sbase));
   reduce_partials<RT, NT>(smem, acc, a, row0, [&](int tok, int n, int row, float sum) {
-    const float bias = ldsf(bias_at + 4 * row);
+    const float bias = a.bias ? ldsf(bias_at + 4 * row) : 0.f;
     if (lora_s)
       finish<BF16>(a, tok, n, sum, lora + (kCtaRows + tok) * a.r, 1, lora + row * a.r, 1, bias);
     else
@@ -804,8 +804,9 @@ KernelFn pick_async(int decode, bool nested, bool after) {
 // The fast kernel and its launch shape for these arguments: pipeline 0 the register ring (decode_fast_kernel),
 // 1 the cp.async stages (decode_async_kernel) with `smem` bytes of dynamic shared memory.
 struct FastLaunch {
-  KernelFn kernel;
+  KernelFn kernel;  // null when no async launch fits: `error` says why
   int tiles, warps, pipeline, smem;
+  cudaError_t error = cudaSuccess;
 };
 
 // Per device: the dynamic shared memory a CTA may opt in to, and SMs.
@@ -849,8 +850,9 @@ bool allow_smem(KernelFn k, int device, int bytes) {
 }
 
 // CTAs of kernel k resident per SM at this many warps and bytes of dynamic shared memory (CUDA's occupancy
-// calculator, which counts registers too), cached: the async launcher weighs several launches per shape.
-int resident_ctas(KernelFn k, int device, int warps, int smem) {
+// calculator, which counts registers too), cached: the async launcher weighs several launches per shape. On a
+// failed query, 0 with the error in *error, cleared from CUDA's state so that it does not outlive the launch.
+int resident_ctas(KernelFn k, int device, int warps, int smem, cudaError_t* error) {
   static std::mutex mu;
   static std::map<std::tuple<const void*, int, int, int>, int> done;
   const auto key = std::make_tuple(reinterpret_cast<const void*>(k), device, warps, smem);
@@ -861,8 +863,10 @@ int resident_ctas(KernelFn k, int device, int warps, int smem) {
   }
   int n = 0;
   if (!allow_smem(k, device, smem) ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, warps * 32, smem) != cudaSuccess)
-    return 0;  // the launch reports the error
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, warps * 32, smem) != cudaSuccess) {
+    *error = cudaGetLastError();
+    return 0;
+  }
   const std::lock_guard<std::mutex> lock(mu);
   done[key] = n;
   return n;
@@ -876,6 +880,7 @@ template <bool BF16>
 FastLaunch plan_async(const lk_decode_args& a, const DeviceLimits& dev, bool after) {
   const int steps = (a.k + kStep - 1) / kStep, prefer_rt = a.m > 8 ? 2 : 1;
   FastLaunch best{nullptr, 0, 0, 1, 0};
+  cudaError_t first_error = cudaSuccess;
   long best_score = -1;
   for (int rt = 1; rt <= 2; ++rt) {
     if (a.row_tiles && rt != a.row_tiles) continue;
@@ -890,8 +895,12 @@ FastLaunch plan_async(const lk_decode_args& a, const DeviceLimits& dev, bool aft
       if (a.warps ? w != a.warps : (w > 1 && w > steps)) continue;
       const int smem = L.bytes(w, rt, lora);
       if (smem > dev.smem_optin) continue;
-      const int resident = resident_ctas(k, a.device, w, smem);
-      if (resident < 1) continue;
+      cudaError_t error = cudaSuccess;
+      const int resident = resident_ctas(k, a.device, w, smem, &error);
+      if (resident < 1) {
+        if (first_error == cudaSuccess) first_error = error != cudaSuccess ? error : cudaErrorInvalidConfiguration;
+        continue;
+      }
       const int per_sm = (tiles + dev.sms - 1) / dev.sms;
       const int warps_per_sm = (resident < per_sm ? resident : per_sm) * w;
       const long score = (resident >= per_sm ? 1L << 20 : 0) + (warps_per_sm >= 8 ? 1L << 19 : 0) +
@@ -899,6 +908,7 @@ FastLaunch plan_async(const lk_decode_args& a, const DeviceLimits& dev, bool aft
       if (score > best_score) best_score = score, best = FastLaunch{k, tiles, w, 1, smem};
     }
   }
+  if (!best.kernel) best.error = first_error != cudaSuccess ? first_error : cudaErrorInvalidConfiguration;
   return best;
 }
 
@@ -947,10 +957,7 @@ cudaError_t launch(const Params& p, int path, cudaStream_t stream) {
     return cudaGetLastError();
   }
   const FastLaunch f = plan_fast<BF16>(a, device_limits(a.device));
-  if (!f.kernel) {
-    const cudaError_t e = cudaGetLastError();
-    return e != cudaSuccess ? e : cudaErrorInvalidConfiguration;
-  }
+  if (!f.kernel) return f.error;
   if (!allow_smem(f.kernel, a.device, f.smem)) return cudaGetLastError();
   f.kernel<<<f.tiles, f.warps * 32, f.smem, stream>>>(p);
   return cudaGetLastError();
@@ -1014,8 +1021,9 @@ int lk_decode_path(const lk_decode_args* a) {
   if (a->pipeline != 0 && a->pipeline != 1) return -1;
   // measurements of the register ring only
   if (a->pipeline == 1 && (a->depth != 0 || a->decode == kLoadsOnly)) return -1;
-  // two row tiles (forced, or chosen at M > 8) take at most 8 warps in the async kernel
-  if (a->pipeline == 1 && a->m > 8 && a->row_tiles != 1 && a->warps > kAsyncMaxWarps<2>) return -1;
+  // two row tiles (forced, or possible at M > 8) take at most 8 warps in the async kernel
+  if (a->pipeline == 1 && a->warps > kAsyncMaxWarps<2> && (a->row_tiles == 2 || (a->m > 8 && a->row_tiles == 0)))
+    return -1;
   if (a->force_generic) return 0;
   // The fast kernel's steps pair lanes over 64 elements of one block: K % 64 == 0, blocksize >= 64.
   const bool fast = a->k % 64 == 0 && ilog2_exact(a->blocksize) >= 6 &&
@@ -1054,8 +1062,7 @@ int lk_fast_launch(const lk_decode_args* args, int* out) {
   const FastLaunch f = args->dtype == LK_BF16 ? plan_fast<true>(*args, dev) : plan_fast<false>(*args, dev);
   int resident = 0;
   if (!f.kernel || !allow_smem(f.kernel, args->device, f.smem)) {
-    g_last_error = cudaGetLastError();
-    if (g_last_error == cudaSuccess) g_last_error = cudaErrorInvalidConfiguration;
+    g_last_error = f.kernel ? cudaGetLastError() : f.error;
     return LK_CUDA_ERROR;
   }
   g_last_error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, f.kernel, f.warps * 32, f.smem);

@@ -50,7 +50,8 @@ typedef struct lk_decode_args {
                       // 1 PRMT over a 16-entry register table (both round the codes to the dtype
                       // first), 2 exact: fp32 code * fp32 scale rounded once per element, as bitsandbytes;
                       // 3 measurement only (M <= 8): the loads without decode or MMA, a meaningless output
-  int32_t row_tiles;  // 16-row tiles per warp in the fast kernel: 0 auto, 1, or 2 (M > 8 only)
+  int32_t row_tiles;  // 16-row tiles per warp in the fast kernel: 0 auto, 1, or 2 (the ring: M > 8 only;
+                      // the async pipeline at any M, with at most 8 warps)
   int32_t warps;      // warps per CTA in the fast kernel: 0 auto, else a power of two up to 16
   int32_t depth;      // steps of W loaded ahead in the M <= 8 kernel (measurement): 0 auto (4), 1, 2 or 4
   int32_t pipeline;   // fast kernel's loads: 0 a register ring (measured on the H200), 1 cp.async stages in

@@ -242,8 +242,8 @@ def linear_decode_fwd(x: torch.Tensor, q, xa: Optional[torch.Tensor], b: Optiona
     first; default from LORA_KERNELS_CSRC_DECODE. pipeline: how the fast kernel's loop gets its loads, "ring"
     (registers, the default: measured on the H200) or "async" (cp.async stages in shared memory: no GPU run
     yet); default from LORA_KERNELS_CSRC_PIPELINE.
-    For measuring: LORA_KERNELS_CSRC_ROW_TILES=1|2 fixes the 16-row tiles per warp at M > 8 (default: chosen
-    by N), LORA_KERNELS_CSRC_WARPS=1..16 the warps per CTA (default: as many as keep one wave),
+    For measuring: LORA_KERNELS_CSRC_ROW_TILES=1|2 fixes the 16-row tiles per warp (the ring: at M > 8; async:
+    at any M, with at most 8 warps; default: chosen by N), LORA_KERNELS_CSRC_WARPS=1..16 the warps per CTA (default: as many as keep one wave),
     LORA_KERNELS_CSRC_DEPTH=1|2|4 the 128-wide steps of W loaded ahead at M <= 8 (default 4).
     """
     args, out, lib = _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode, pipeline)

@@ -63,7 +63,8 @@ def test_bad_arguments(lib):
                 # the register ring's measurement knobs do not apply to the cp.async pipeline
                 dict(pipeline=1, depth=2), dict(pipeline=1, decode=3),
                 # the async kernel's two row tiles take at most 8 warps
-                dict(pipeline=1, m=16, row_tiles=2, warps=16), dict(pipeline=1, m=16, warps=16)):
+                dict(pipeline=1, m=16, row_tiles=2, warps=16), dict(pipeline=1, m=16, warps=16),
+                dict(pipeline=1, m=4, row_tiles=2, warps=16)):
         assert path(lib, **bad) < 0, bad
         assert lib.lk_linear_decode_fwd(ctypes.byref(args(**bad)), None) == 1, bad
 
