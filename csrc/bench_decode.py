@@ -8,7 +8,7 @@ NF4-layout data (no bitsandbytes needed). The L2 is flushed by a read before eve
 - kern_*: kernel device time from torch.profiler, per decode (exact, shared, registers), the exact decode
   without LoRA and bias, the loads alone (no decode or MMA; M <= 8, else nan), and cuBLAS bf16 on a dense W;
   kern_async_*: the same decodes with the cp.async pipeline (LORA_KERNELS_CSRC_PIPELINE=async) instead of the
-  register ring;
+  register ring; nan when a first run of it in a subprocess failed or disagreed with the ring (printed);
 - wall_*: CUDA-event time of the kernel call (launch latency included); read_wall: torch.sum over as many
   bytes as the kernel reads;
 - op_auto / op_dequant / op_fused: CUDA-event time of the whole qlora_linear call (host time included) on the
@@ -98,6 +98,36 @@ def kernel_us(fn, reps=20):
                if ev.device_time_total > 0 and "at::native::reduce_kernel" not in ev.key) / reps
 
 
+_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from csrc.bench_decode import random_quant
+from lora_kernels import csrc
+q = random_quant(1024, 4096)
+x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+for decode in ("exact", "shared", "registers"):
+    ring = csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode=decode, pipeline="ring")
+    got = csrc.linear_decode_fwd(x, q, None, None, None, 1.0, decode=decode, pipeline="async")
+    torch.cuda.synchronize()
+    assert torch.allclose(got.float(), ring.float(), rtol=0.02, atol=0.02), decode
+print("ok")
+"""
+
+
+def async_runs() -> bool:
+    """Whether the cp.async pipeline runs and agrees with the ring on a small case, tried in a subprocess: a fault
+    there would end this process's CUDA context, and with it the ring's timings."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    res = subprocess.run([sys.executable, "-c", _PROBE.format(root=root)], capture_output=True, text=True, timeout=120)
+    if res.returncode != 0 or "ok" not in res.stdout:
+        print(f"# async pipeline probe failed (its columns are nan): {(res.stderr or res.stdout).strip()[-400:]}",
+              flush=True)
+        return False
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8192x8192,4096x14336,14336x4096,4096x4096,1024x4096")
@@ -113,6 +143,7 @@ def main():
     if not st["found"]:
         sys.exit(f"csrc library not available: {st['reason']}")
     name = torch.cuda.get_device_name()
+    async_ok = async_runs()
     bw = args.bw or (4.8 if "H200" in name else 3.35)
     lines = [f"# {name}, torch {torch.__version__}; us; kern_* = kernel device time (torch.profiler), wall_* and op_* ="
              f" CUDA-event time (launch latency and, for op_*, host time included), L2 flushed by a read before"
@@ -151,7 +182,7 @@ def main():
 
             for decode in ("exact", "shared", "registers"):
                 row[f"kern_{decode}"] = kern(decode)
-                row[f"kern_async_{decode}"] = kern(decode, pipeline="async")
+                row[f"kern_async_{decode}"] = kern(decode, pipeline="async") if async_ok else float("nan")
             row["kern_exact_nolora"] = kern("exact", lora=False)
             # the same loads, scales, reduction and epilogue without decode or MMA (M <= 8 only; nan above)
             row["kern_loads_only"] = kernel_us(lambda: csrc.loads_only_fwd(x, q, xa, b, out)) if m <= 8 else float("nan")
@@ -173,7 +204,7 @@ def main():
                     f",{row['kern_async_exact'] / floor:.2f}")
             print(line, flush=True)
             lines.append(line)
-            for pipeline in ("ring", "async"):
+            for pipeline in ("ring", "async") if async_ok else ("ring",):
                 for decode in ("exact", "shared", "registers"):
                     plan = csrc.launch_plan(x, q, xa, b, decode=decode, pipeline=pipeline)
                     sweep_lines.append(f"# launch {n}x{k} M={m} {decode} {plan['pipeline']}: {plan['ctas']} CTAs of "
@@ -182,7 +213,7 @@ def main():
                     print(sweep_lines[-1], flush=True)
             if (n, k) in sweep:
                 for decode in ("exact", "shared"):
-                    for pipeline in ("ring", "async"):
+                    for pipeline in ("ring", "async") if async_ok else ("ring",):
                         # the async kernel's 32-row CTAs (M > 8) take at most 8 warps
                         top = 8 if pipeline == "async" and m > 8 else 16
                         times = {wp: kern(decode, pipeline=pipeline, LORA_KERNELS_CSRC_WARPS=str(wp))
