@@ -914,11 +914,12 @@ FastLaunch plan_async(const lk_decode_args& a, const DeviceLimits& dev, bool aft
 
 template <bool BF16>
 FastLaunch plan_fast(const lk_decode_args& a, const DeviceLimits& dev) {
+  const bool after = a.blocksize >= kStep && a.k % kStep == 0;
+  if (a.pipeline == 1 && async_applies(a)) return plan_async<BF16>(a, dev, after);
   const int sms = dev.sms;
   // M > 8 (two n8 token tiles): two row tiles per warp share each x fragment, which halves the x traffic
   // through L1 (otherwise 4 bytes per packed weight byte, beside the table's 4), when N still gives
   // about one such CTA per SM.
-  const bool async = a.pipeline == 1 && async_applies(a);
   const int rt = a.m <= 8 ? 1
                  : a.row_tiles     ? a.row_tiles
                  : (a.n + 2 * kRows - 1) / (2 * kRows) >= (3 * sms) / 4 ? 2
@@ -930,8 +931,6 @@ FastLaunch plan_fast(const lk_decode_args& a, const DeviceLimits& dev) {
   int warps = 1;
   while (warps < kMaxWarps && warps * 2 * tiles <= 16 * sms && warps * 2 <= steps) warps *= 2;
   if (a.warps) warps = a.warps;  // fixed by the caller (measurement)
-  const bool after = a.blocksize >= kStep && a.k % kStep == 0;
-  if (async) return plan_async<BF16>(a, dev, after);
   KernelFn k;
   if (rt == 2)
     k = pick_fast<BF16, 2, 2, 0>(a.decode, a.nested, after);

@@ -53,8 +53,13 @@ def parse(text):
     return out
 
 
+def unpredicated(instruction):
+    """The instruction without its guard predicate (@P0, @!UP1, ...)."""
+    return re.sub(r"^@!?U?P[T0-9]+\s+", "", instruction)
+
+
 def opcode(instruction):
-    return re.sub(r"^@!?U?P[T0-9]+\s+", "", instruction).split()[0]
+    return unpredicated(instruction).split()[0]
 
 
 def w_load_reach(body):
@@ -71,7 +76,7 @@ def w_load_reach(body):
     for _ in range(4):
         for text, ctl in body:
             op = opcode(text)
-            m = re.match(r"DEPBAR\.LE\s+SB(\d),\s*0x([0-9a-f]+)", re.sub(r"^@!?U?P[T0-9]+\s+", "", text))
+            m = re.match(r"DEPBAR\.LE\s+SB(\d),\s*0x([0-9a-f]+)", unpredicated(text))
             retire = {sb: 0 for sb in range(6) if ctl["wait"] >> sb & 1}
             if m:
                 retire[int(m.group(1))] = int(m.group(2), 16)

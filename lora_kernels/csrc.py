@@ -196,32 +196,33 @@ def _current_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _row_tiles() -> int:
-    value = os.environ.get("LORA_KERNELS_CSRC_ROW_TILES", "").strip()
-    if value not in ("", "0", "1", "2"):
-        raise ValueError(f"LORA_KERNELS_CSRC_ROW_TILES must be 1 or 2 (or unset), got {value!r}")
+def _knob(name: str, allowed: tuple, spoken: str) -> int:
+    """A measurement knob LORA_KERNELS_CSRC_<name>: an int from `allowed` (0 or unset: auto)."""
+    value = os.environ.get(f"LORA_KERNELS_CSRC_{name}", "").strip()
+    if value not in ("", "0", *map(str, allowed)):
+        raise ValueError(f"LORA_KERNELS_CSRC_{name} must be {spoken} (or unset), got {value!r}")
     return int(value or 0)
+
+
+def _row_tiles() -> int:
+    return _knob("ROW_TILES", (1, 2), "1 or 2")
 
 
 def _depth() -> int:
-    value = os.environ.get("LORA_KERNELS_CSRC_DEPTH", "").strip()
-    if value not in ("", "0", "1", "2", "4"):
-        raise ValueError(f"LORA_KERNELS_CSRC_DEPTH must be 1, 2 or 4 (or unset), got {value!r}")
-    return int(value or 0)
-
-
-def _pipeline(pipeline: Optional[str]) -> int:
-    value = pipeline or os.environ.get("LORA_KERNELS_CSRC_PIPELINE", "").strip().lower() or DEFAULT_PIPELINE
-    if value not in PIPELINES:
-        raise ValueError(f"pipeline (LORA_KERNELS_CSRC_PIPELINE) must be one of {sorted(PIPELINES)}, got {value!r}")
-    return PIPELINES[value]
+    return _knob("DEPTH", (1, 2, 4), "1, 2 or 4")
 
 
 def _warps() -> int:
-    value = os.environ.get("LORA_KERNELS_CSRC_WARPS", "").strip()
-    if value not in ("", "0", "1", "2", "4", "8", "16"):
-        raise ValueError(f"LORA_KERNELS_CSRC_WARPS must be 1, 2, 4, 8 or 16 (or unset), got {value!r}")
-    return int(value or 0)
+    return _knob("WARPS", (1, 2, 4, 8, 16), "1, 2, 4, 8 or 16")
+
+
+def _choice(kind: str, value: Optional[str], choices: dict, default: str) -> int:
+    """The id of `value`, else of LORA_KERNELS_CSRC_<KIND>, else of `default`, among `choices`."""
+    env = f"LORA_KERNELS_CSRC_{kind.upper()}"
+    value = value or os.environ.get(env, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{kind} ({env}) must be one of {sorted(choices)}, got {value!r}")
+    return choices[value]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -290,10 +291,8 @@ def launch_plan(x: torch.Tensor, q, xa: Optional[torch.Tensor] = None, b: Option
 
 def _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode, pipeline=None):
     """(lk_decode_args, out, library) after checking every argument."""
-    pipeline_id = _pipeline(pipeline)
-    decode = decode or os.environ.get("LORA_KERNELS_CSRC_DECODE", "").strip().lower() or DEFAULT_DECODE
-    if decode not in DECODES:
-        raise ValueError(f"decode (LORA_KERNELS_CSRC_DECODE) must be one of {sorted(DECODES)}, got {decode!r}")
+    pipeline_id = _choice("pipeline", pipeline, PIPELINES, DEFAULT_PIPELINE)
+    decode_id = _choice("decode", decode, DECODES, DEFAULT_DECODE)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -357,7 +356,7 @@ def _decode_args(x, q, xa, b, bias, scaling, out, force_generic, decode, pipelin
         out=out.data_ptr(), out_row=out.stride(0),
         m=m, n=n, k=k, r=r, blocksize=q.blocksize, blocksize2=q.blocksize2 if q.nested else 0,
         nested=int(q.nested), dtype=_DTYPES[x.dtype], scaling=float(scaling), force_generic=int(force_generic),
-        device=device.index if device.index is not None else 0, decode=DECODES[decode],
+        device=device.index if device.index is not None else 0, decode=decode_id,
         row_tiles=_row_tiles(), warps=_warps(), depth=_depth(), pipeline=pipeline_id,
     )
     return args, out, lib
