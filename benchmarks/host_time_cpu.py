@@ -90,7 +90,7 @@ def inference(packed, state, a, b):
                        check=True)
         os.environ["LORA_KERNELS_CSRC_LIB"] = lib
         csrc.reset()
-        csrc._check_device = lambda t, name, device: None  # CPU tensors through the CUDA-only seams
+        csrc._check_devices = lambda tensors, device: None  # CPU tensors through the CUDA-only seams
         csrc._current_stream = lambda device: 0
         csrc.unsupported_reason = lambda x, is_4bit: None
         os.environ["LORA_KERNELS_PATH"] = "auto"

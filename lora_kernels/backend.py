@@ -5,15 +5,16 @@ LORA_KERNELS_BACKEND=triton: Triton always; CPU tensors need TRITON_INTERPRET=1 
 LORA_KERNELS_BACKEND=reference: the reference always.
 """
 import importlib.util
-import os
 
 import torch
+
+from .envvars import getenv
 
 CHOICES = ("auto", "triton", "reference")
 
 
 def backend_setting() -> str:
-    value = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+    value = getenv("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"LORA_KERNELS_BACKEND={value!r} is not one of {', '.join(CHOICES)}")
     return value
@@ -21,7 +22,7 @@ def backend_setting() -> str:
 
 def interpreting() -> bool:
     """True when Triton kernels run through the CPU interpreter (decided when triton.jit runs)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET", "0") == "1"
 
 
 def use_triton(device: torch.device) -> bool:

@@ -51,11 +51,14 @@ class Quant4bit:
 
 def is_cpu_repacked(quant_state) -> bool:
     """bitsandbytes repacks CPU weights in place for AVX512-BF16 kernels: a layout the kernels cannot read."""
+    own = getattr(quant_state, "__dict__", None)
+    if type(own) is dict:  # it sets the flag on the instance; asking for a missing one runs QuantState.__getattr__
+        return bool(own.get("packing_format_for_cpu", False))
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
 
 
 def _packed_bytes(weight: torch.Tensor) -> torch.Tensor:
-    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    data = weight if type(weight) is torch.Tensor else weight.data if isinstance(weight, torch.nn.Parameter) else weight
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"weight must be a tensor (bitsandbytes Params4bit or its packed data), got {type(weight).__name__}")
     if not data.is_contiguous():
@@ -66,6 +69,11 @@ def _packed_bytes(weight: torch.Tensor) -> torch.Tensor:
         else:
             raise TypeError(f"packed 4-bit weight has unsupported storage dtype {data.dtype}")
     return data.reshape(-1)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous fp32; t itself when it is (each skipped op is host time saved on every call)."""
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def read_quant_state(weight: torch.Tensor, quant_state) -> Quant4bit:
@@ -112,15 +120,14 @@ def read_quant_state(weight: torch.Tensor, quant_state) -> Quant4bit:
         bs2 = int(s2.blocksize)
         if s2.absmax.numel() != -(-blocks // bs2):
             raise ValueError(f"state2.absmax has {s2.absmax.numel()} entries, {blocks} blocks of {bs2} need {-(-blocks // bs2)}")
-        absmax2, offset = s2.absmax.float(), quant_state.offset.float()
-        extra = dict(code2=s2.code.float().contiguous(),
-                     absmax2=(absmax2 if absmax2.dim() == 1 else absmax2.reshape(-1)).contiguous(),
-                     offset=(offset if offset.dim() == 0 else offset.reshape(())).contiguous(), blocksize2=bs2)
-    elif absmax.dtype != torch.float32:
-        absmax = absmax.float()
-    q = Quant4bit(packed=packed, code=code.float().contiguous(), absmax=absmax.contiguous(), blocksize=blocksize,
-                  shape=shape, dtype=quant_state.dtype, quant_type=quant_type, **extra)
-    device = q.packed.device
+        absmax2, offset = _fp32(s2.absmax), _fp32(quant_state.offset)
+        extra = dict(code2=_fp32(s2.code), absmax2=absmax2 if absmax2.dim() == 1 else absmax2.reshape(-1),
+                     offset=offset if offset.dim() == 0 else offset.reshape(()), blocksize2=bs2)
+    else:
+        absmax = _fp32(absmax)
+    q = Quant4bit(packed=packed, code=_fp32(code), absmax=absmax if absmax.is_contiguous() else absmax.contiguous(),
+                  blocksize=blocksize, shape=shape, dtype=quant_state.dtype, quant_type=quant_type, **extra)
+    device = packed.device
     if any(t.device != device for t in q.meta_tensors() if t.dim() > 0):
         devices = {str(t.device) for t in [q.packed, *q.meta_tensors()] if t.dim() > 0}
         raise ValueError(f"4-bit weight and its quant_state are on different devices: {sorted(devices)}")

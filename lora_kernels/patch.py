@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from .errors import FallbackWarning
+from .nf4 import is_cpu_repacked
 
 __all__ = ["PatchReport", "patch_peft_model", "unpatch_peft_model", "patched"]
 
@@ -312,7 +313,7 @@ def _forward_4bit(self, x, *args, **kwargs):
     if hooked is not None:
         return _fallback(self, hooked, x, args, kwargs)
     weight, state = _quant_state(base)
-    if getattr(state, "packing_format_for_cpu", False):
+    if is_cpu_repacked(state):
         return _fallback(self, _REPACKED, x, args, kwargs)
     if not base.compute_type_is_set:  # as bitsandbytes' Linear4bit.forward does on its first call
         base.set_compute_type(x)

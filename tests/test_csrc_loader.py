@@ -75,7 +75,7 @@ def fake(tmp_path, use_lib, monkeypatch):
     """The fake library, loaded, with the CUDA-only seams opened so CPU tensors go through."""
     path = _build(tmp_path, "fake")
     use_lib(path)
-    monkeypatch.setattr(csrc, "_check_device", lambda t, name, device: None)
+    monkeypatch.setattr(csrc, "_check_devices", lambda tensors, device: None)
     monkeypatch.setattr(csrc, "_current_stream", lambda device: 0x5EED0)
     lib = ctypes.CDLL(path)  # the same handle the loader got (dlopen by path)
     lib.fake_last_stream.restype = ctypes.c_void_p
@@ -230,6 +230,14 @@ def test_device_check_refuses_cpu_tensors(use_lib, tmp_path):
     q = read_quant_state(packed, state)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         csrc.linear_decode_fwd(torch.randn(2, 64, dtype=torch.bfloat16), q, None, None, None, 1.0)
+
+
+def test_device_check_names_the_tensor_on_another_device():
+    cpu, meta = torch.empty(2, device="cpu"), torch.empty(2, device="meta")
+    with pytest.raises(ValueError, match="b is on meta, x on cpu"):
+        csrc._check_devices([("x", cpu), ("b", meta)], cpu.device)
+    with pytest.raises(ValueError, match="x is on cpu: the csrc kernel needs CUDA tensors"):
+        csrc._check_devices([("x", cpu), ("b", cpu)], cpu.device)
 
 
 def test_use_for_forward(use_lib, fake, monkeypatch, tmp_path):

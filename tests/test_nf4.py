@@ -112,6 +112,34 @@ def test_cpu_repacked_layout_is_detected_and_refused():
     with pytest.raises(ValueError, match="CPU-repacked"):
         lk.dequantize_4bit(packed, state)
 
+    class Slotted:  # no instance dict: the flag is read with getattr
+        __slots__ = ("packing_format_for_cpu",)
+
+    flagged = Slotted()
+    flagged.packing_format_for_cpu = True
+    assert is_cpu_repacked(flagged) and not is_cpu_repacked(Slotted())
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_read_quant_state_takes_fp32_tensors_as_they_are(nested):
+    """Each call of the op reads the quant state again: tensors already fp32 and contiguous are used, not
+    copied; others are converted (same values)."""
+    packed, state, _ = quantized(8, 64, nested=nested)
+    q = read_quant_state(packed, state)
+    assert q.code is state.code
+    if nested:
+        assert q.code2 is state.state2.code and q.absmax2 is state.state2.absmax
+        state.state2.code = state.state2.code.half()
+        assert torch.equal(read_quant_state(packed, state).code2, state.state2.code.float())
+    else:
+        assert q.absmax is state.absmax
+        state.absmax = state.absmax.half()
+        got = read_quant_state(packed, state).absmax
+        assert got.dtype == torch.float32 and torch.equal(got, state.absmax.float())
+    state.code = state.code.repeat(2)[::2]  # a strided view: made contiguous
+    got = read_quant_state(packed, state).code
+    assert got.is_contiguous() and torch.equal(got, state.code)
+
 
 def test_bad_quant_states_are_refused():
     packed, state, _ = quantized(4, 64, nested=False)

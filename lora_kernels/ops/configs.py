@@ -11,10 +11,11 @@ that spill only there. tests/test_gpu_compile.py compiles every candidate each l
 and sm_80 on CPU, and checks that each builds, fits in shared memory, does not spill and uses tensor cores
 (16-bit; fp32 must not); every (M bucket, dtype, weight kind, dropout, arch) keeps at least one candidate.
 """
-import os
 from typing import NamedTuple, Optional
 
 import triton
+
+from ..envvars import getenv
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). bf16 / fp16 activations: tensor-core tiles (HGMMA on
 # sm_90 from 64 rows); 16-row tiles serve M <= 16, where streaming W is the whole cost: 16x32 tiles launch
@@ -145,7 +146,7 @@ def m_bucket(m: int) -> int:
 def path_setting() -> str:
     """LORA_KERNELS_PATH, checked: 'auto' (also when unset or empty), 'fused', 'dequant' or 'csrc' (the CUDA
     library's forward, M <= 16, with the Triton backward)."""
-    setting = os.environ.get("LORA_KERNELS_PATH", "auto").strip().lower() or "auto"
+    setting = getenv("LORA_KERNELS_PATH", "auto").strip().lower() or "auto"
     if setting not in ("auto", "fused", "dequant", "csrc"):
         raise ValueError(f"LORA_KERNELS_PATH={setting!r} is not one of auto, fused, dequant, csrc")
     return setting
