@@ -165,8 +165,9 @@ def _module_hooked(module):
 def _adapter_hooks_reason(self, name):
     """The fused op reads lora_A/lora_B weights directly and never calls those modules or the dropout module:
     a hook or an instance forward on one of them would be skipped."""
+    modules = self._modules  # submodules straight from the dict: nn.Module.__getattr__ costs per call
     for part in ("lora_A", "lora_B", "lora_dropout"):
-        if _module_hooked(getattr(self, part)[name]):
+        if _module_hooked(modules[part]._modules[name]):
             return f"adapter {name!r}'s {part} module has hooks or an overridden forward (the fused op would " \
                    "bypass them)"
     return None
@@ -174,7 +175,8 @@ def _adapter_hooks_reason(self, name):
 
 def _lora_terms(self):
     """(A, B, scaling, dropout_p) for the active adapters, _NO_LORA without any, or a reason string."""
-    lora_A = self.lora_A
+    modules = self._modules
+    lora_A, lora_B, lora_dropout = modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_dropout"]._modules
     active = self.active_adapter
     names = [active] if isinstance(active, str) else active
     if len(names) == 1:
@@ -184,10 +186,10 @@ def _lora_terms(self):
         reason = _adapter_reason(self, name) or _adapter_hooks_reason(self, name)
         if reason is not None:
             return reason
-        p = _dropout_p(self.lora_dropout[name])
+        p = _dropout_p(lora_dropout[name])
         if p is None or p >= 1.0:
-            return f"adapter {name!r} has an unsupported dropout module {self.lora_dropout[name]!r}"
-        return lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
+            return f"adapter {name!r} has an unsupported dropout module {lora_dropout[name]!r}"
+        return lora_A[name].weight, lora_B[name].weight, self.scaling[name], p
     names = [n for n in names if n in lora_A]
     if not names:
         return _NO_LORA
@@ -196,14 +198,14 @@ def _lora_terms(self):
         reason = _adapter_reason(self, name) or _adapter_hooks_reason(self, name)
         if reason is not None:
             return reason
-        p = _dropout_p(self.lora_dropout[name])
+        p = _dropout_p(lora_dropout[name])
         if p is None or p >= 1.0:
-            return f"adapter {name!r} has an unsupported dropout module {self.lora_dropout[name]!r}"
+            return f"adapter {name!r} has an unsupported dropout module {lora_dropout[name]!r}"
         if p_common is not None and p != p_common:
             return "several active adapters with different dropout probabilities in training mode"
         p_common = p
         a_list.append(lora_A[name].weight)
-        b_list.append(self.lora_B[name].weight * self.scaling[name])
+        b_list.append(lora_B[name].weight * self.scaling[name])
     return torch.cat(a_list, 0), torch.cat(b_list, 1), 1.0, p_common
 
 
@@ -238,7 +240,8 @@ def _hooks_reason(base):
     """Why calling the base layer's own forward directly would skip something PyTorch runs around it: hooks on
     the base layer, global module hooks, or an instance forward (accelerate's offload hook sets one). None when
     nothing would be skipped. Cheap enough to run at every call: a few dict lookups."""
-    if "forward" in base.__dict__ or getattr(base, "_hf_hook", None) is not None:
+    own = base.__dict__  # accelerate sets _hf_hook there; getattr of a missing one raises inside nn.Module
+    if "forward" in own or own.get("_hf_hook") is not None:
         return _BASE_OVERRIDDEN
     if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
         return _HOOKED
@@ -329,8 +332,8 @@ def _forward_4bit(self, x, *args, **kwargs):
     if dtype not in _DTYPES:
         return _fallback(self, f"compute dtype {dtype} is not bf16, fp16 or fp32", x, args, kwargs)
     a, b, scaling, p = terms
-    y = _ops().qlora_linear(x.to(dtype), weight, state, a, b, scaling, bias=base.bias, dropout_p=p,
-                            training=True)
+    x = x if in_dtype == dtype else x.to(dtype)  # a same-dtype .to() is still a dispatched op
+    y = _ops().qlora_linear(x, weight, state, a, b, scaling, bias=base.bias, dropout_p=p, training=True)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
