@@ -96,6 +96,21 @@ def inference(packed, state, a, b):
         os.environ["LORA_KERNELS_PATH"] = "auto"
         with torch.no_grad():
             print(f"  csrc     {_median_us(lambda: lk.qlora_linear(x, packed, state, a, b, 0.5)):7.1f}  (fake library)")
+            layer, x3 = _patched_layer(d)
+            print(f"  csrc, a patched PEFT Linear4bit layer {_median_us(lambda: layer(x3)):7.1f}  (fake library)")
+
+
+def _patched_layer(tmp):
+    """The first LoRA layer of a tiny patched 4-bit Llama (tests/_models.py), in eval mode, with an x of one
+    token; the patched forward runs the op on CPU (LORA_KERNELS_PATCH_CPU=op)."""
+    from tests._models import load_peft, lora_layers, save_model
+
+    os.environ["LORA_KERNELS_PATCH_CPU"] = "op"
+    save_model(tmp)
+    model = load_peft(tmp).eval()
+    lk.patch_peft_model(model)
+    layer = next(iter(lora_layers(model).values()))
+    return layer, torch.randn(1, 1, layer.base_layer.in_features, dtype=torch.bfloat16)
 
 
 if __name__ == "__main__":
