@@ -15,9 +15,13 @@ plan_fast's, mirrored here. Then, per SM and per wave of resident CTAs (W warps,
   step's issue), as every warp waits a round trip per step and then issues: no overlap of the two; two round
   trips with two row tiles per warp (M > 8 at large N), whose scales load inside the step, after W;
 - pipelined (the cp.async stages): max(issue, HBM, L2, bytes in flight over a round trip) plus one round trip to
-  fill; plus per wave a prologue round trip (code table), the epilogue (ring: the LoRA term's dependent loads,
-  1 + ceil(r / 4) round trips, then the store; async: operands already in shared memory, the store), and once
-  RAMP_S for the kernel's start and drain.
+  fill; plus per wave a prologue round trip for the code table (the ring only: the async kernel issues its
+  first stages before it loads the tables, so the two round trips overlap), the epilogue (ring: the LoRA
+  term's dependent loads, 1 + ceil(r / 4) round trips, then the store; async: operands already in shared
+  memory, the store), and once RAMP_S for the kernel's start and drain.
+The read-only bound is the same model's time for a kernel that does nothing but stream the floor's bytes at the
+reached bandwidth: RAMP_S + one round trip + bytes / reached. No kernel does better on this model, so a target
+below it (for instance 1.2x the floor at 8192x8192) cannot be met on the model's assumptions.
 Assumed, not cited: one memory round trip 600 ns (static_model.MEM_LATENCY_S), L2_BW, RAMP_S, the epilogue's round
 trips. The run checks the model against the H200 measurements of the register ring (csrc-decode-e66ba9f.csv,
 kernel device time, same loop) and prints the ratio; every time it prints or writes is a prediction.
@@ -205,7 +209,8 @@ def kernel_time(v: Variant, ln: Launch, n, k, m, r, dev: Device, blocksize=64):
             bound = max(terms, key=terms.get)
             loop = terms[bound] + rt_s  # fill
         lora = (1 + math.ceil(r / 4)) * rt_s if (r and (v.pipeline == "ring" or r > LORA_MAX_R or r % 2)) else 0.0
-        total += loop + rt_s + lora + rt_s  # prologue, LoRA operands, reduction + store
+        prologue = 0.0 if v.pipeline == "async" else rt_s  # async: under the fill's round trip
+        total += loop + prologue + lora + rt_s  # LoRA operands, reduction + store
         bounds.append(bound)
     detail = (f"{ln.ctas} CTAs x {ln.warps} warps, {occ} resident/SM, {math.ceil(per_sm / occ)} wave(s); "
               f"{v.per_step:.0f} instr/step, {v.regs} regs, smem {v.static_smem + ln.smem} B; "
@@ -217,6 +222,11 @@ def floor_s(n, k, m, r, dev: Device, blocksize=64, nested=True):
     """bench_decode.py's floor: packed W, scales, x, y and B once at the datasheet bandwidth."""
     nbytes = n * k / 2 + n * k / blocksize * (1 if nested else 4) + 2 * (m * k + m * n + n * r)
     return nbytes / dev.hbm_peak
+
+
+def read_bound_s(n, k, m, r, dev: Device, blocksize=64, nested=True):
+    """The read-only bound (module docstring): the floor's bytes at the reached bandwidth, one round trip, the ramp."""
+    return RAMP_S + MEM_LATENCY_S + floor_s(n, k, m, r, dev, blocksize, nested) * dev.hbm_peak / dev.hbm_reached
 
 
 def measured_ring():
@@ -295,8 +305,15 @@ def main(argv=None):
     table = ["| N x K | M | pipeline | decode | predicted us | x floor | bound | measured ring us (H200) | launch |",
              "| --- | ---: | --- | --- | ---: | ---: | --- | ---: | --- |"]
     rows = []
+    last = None
     for n, k, m, pipeline, decode, t, bound, detail in preds:
         fl = floor_s(n, k, m, args.r, dev)
+        if (n, k, m) != last:  # each shape's read-only bound first: what no kernel beats on this model
+            last, rb = (n, k, m), read_bound_s(n, k, m, args.r, dev)
+            lines.append(f"PREDICTED {n}x{k} M={m} read-only bound: {rb * 1e6:.1f} us = {rb / fl:.2f}x floor")
+            table.append(f"| {n}x{k} | {m} | read-only bound | - | {rb * 1e6:.1f} | {rb / fl:.2f} | hbm (reached) | | "
+                         f"streams the floor's bytes only |")
+            rows.append((n, k, m, "read_only_bound", None, rb))
         got = meas.get((n, k, m), {}).get(decode) if pipeline == "ring" else None
         vs = f"; measured {got:.1f} us, model/measured {t * 1e6 / got:.2f}" if got else ""
         lines.append(f"PREDICTED {n}x{k} M={m} {pipeline} {decode}: {t * 1e6:.1f} us = {t / fl:.2f}x floor "
@@ -315,7 +332,8 @@ def main(argv=None):
     env["gpu"] = f"{dev.name} (static model, predicted)"
     out_rows = []
     for n, k, m, pipeline, decode, t in rows:
-        row = make_row("csrc_decode_kernel", f"csrc_{pipeline}_{decode}{PREDICTED}", m, n, k, args.r, "bf16",
+        provider = f"{pipeline}{PREDICTED}" if decode is None else f"csrc_{pipeline}_{decode}{PREDICTED}"
+        row = make_row("csrc_decode_kernel", provider, m, n, k, args.r, "bf16",
                        (t * 1e3, 0.0, 0.0), None, env)
         row["ms_p20"] = row["ms_p80"] = None
         out_rows.append(row)
@@ -327,7 +345,9 @@ def main(argv=None):
             f"`python -m benchmarks.csrc_model` on {so.split('/')[-1]} at {env.get('commit', '?')}: main-loop counts "
             f"from its sm_90 SASS; assumptions (round trip {MEM_LATENCY_S * 1e9:.0f} ns, L2 {L2_BW / 1e12:.0f} TB/s, "
             f"ramp {RAMP_S * 1e6:.0f} us) in the module's docstring. The register ring's rows are checked against "
-            f"its H200 measurement (kernel device time, {MEASURED.name}).\n\n")
+            f"its H200 measurement (kernel device time, {MEASURED.name}). Each shape's first row is the read-only "
+            f"bound: a kernel that only streams the floor's bytes, at the reached {dev.hbm_reached / 1e12:.1f} TB/s, "
+            f"after the ramp and one round trip; on this model nothing is faster.\n\n")
     with open(str(base) + ".md", "w") as f:
         f.write(note + "\n".join(table) + "\n\n" + "\n".join(f"- {c}" for c in check) + "\n")
     print(f"wrote {base}.csv and .md")
