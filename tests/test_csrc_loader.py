@@ -290,6 +290,32 @@ def test_fused_op_dispatches_to_the_library(fake, monkeypatch):
     assert fake.fake_calls() == calls + 2
 
 
+@pytest.mark.parametrize("path", ["csrc", "fused", "dequant"])
+def test_inference_calls_read_no_tensor_on_the_host(fake, monkeypatch, path):
+    """Without dropout the op's forward never reads a tensor's value on the host: on CUDA such a read
+    synchronizes with the GPU, and it breaks the CUDA-graph capture of a decode step (generation with
+    static caches, torch.compile mode="reduce-overhead"). tests/test_gpu.py captures one on a GPU."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton path runs on CPU only through the interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(csrc, "unsupported_reason", lambda x, is_4bit: None if is_4bit else "dense")
+    monkeypatch.setenv("LORA_KERNELS_PATH", path)
+    x, packed, state, a, b = _qlora_inputs()
+    calls = fake.fake_calls()
+    lora_kernels.qlora_linear(x, packed, state, a, b, 0.5)  # first call: compiles, loads, fills caches
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with torch.no_grad():
+        lora_kernels.qlora_linear(x, packed, state, a, b, 0.5, bias=torch.randn(32, dtype=torch.bfloat16))
+        lora_kernels.qlora_linear(x, packed, state, a, b, 0.5, dropout_p=0.1, training=False)
+    monkeypatch.undo()
+    assert fake.fake_calls() - calls == (3 if path == "csrc" else 0)
+
+
 def test_forced_csrc_without_the_library_raises(use_lib, monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
     if os.environ.get("TRITON_INTERPRET") != "1":

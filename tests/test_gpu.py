@@ -101,6 +101,38 @@ def test_decode_shapes_on_cuda():
         assert_close_to_oracle(y, y32, y_nat, what=f"M={m}")
 
 
+@pytest.mark.parametrize("path", ["auto", "dequant", "fused"])
+def test_decode_call_in_a_cuda_graph(monkeypatch, path):
+    """Generation can capture a decode step in a CUDA graph (static caches, torch.compile mode="reduce-overhead")
+    and so drop the op's host time: the whole call must be capturable, and a replay with new x must give what
+    an eager call gives (auto takes the csrc kernel when it is built)."""
+    monkeypatch.setenv("LORA_KERNELS_PATH", path)
+    packed, state, _ = quantized(1024, 2048, device="cuda")
+    a = torch.randn(16, 2048, device="cuda") / 45
+    b = torch.randn(1024, 16, device="cuda") / 4
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        return lk.qlora_linear(x, packed, state, a, b, 2.0, bias=bias)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles and autotunes here
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = call()
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, call())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_csrc_exact_decode_gives_bitsandbytes_weights(dtype, quant_type):
