@@ -69,3 +69,20 @@ def test_counts_of_the_built_library():
     assert ring.serial and ring.reach == 0  # what the H200 depth sweep showed: the ring's prefetch does not reach
     assert not fast.serial and fast.reach is None
     assert 150 < ring.per_step < 320 and 150 < fast.per_step < 320
+
+
+@pytest.mark.parametrize("n,k,m", [(8192, 8192, 1), (8192, 8192, 16), (4096, 14336, 1), (14336, 4096, 16)])
+def test_no_prediction_beats_the_read_only_bound(n, k, m):
+    """The read-only bound is what a kernel that only streams the bytes would take on the same model: above the
+    floor by the reached bandwidth, the ramp and a round trip (1.33x at 8192x8192 on the H200), and below every
+    kernel's prediction."""
+    floor, bound = cm.floor_s(n, k, m, 16, H200), cm.read_bound_s(n, k, m, 16, H200)
+    assert bound > floor * H200.hbm_peak / H200.hbm_reached
+    nt = 2 if m > 8 else 1
+    for pipeline in ("ring", "async"):
+        ln = cm.plan(pipeline, "shared", n, k, m, 16, True, H200)
+        for per_step in (60.0, 250.0):  # an implausibly cheap loop, and a realistic one
+            v = cm.Variant(pipeline, "shared", nt, ln.rt, True, False, per_step * nt * ln.rt,
+                           None if pipeline == "async" else 8 * nt * ln.rt, 80, 33792)
+            t, _, _ = cm.kernel_time(v, ln, n, k, m, 16, H200)
+            assert t >= bound, (pipeline, per_step, t, bound)
