@@ -191,12 +191,12 @@ def wanted_for_forward(x: torch.Tensor, is_4bit: bool, setting: str) -> bool:
 
 # Seams for the tests' fake library, which runs on CPU tensors.
 def _check_devices(tensors, device: torch.device) -> None:
-    """tensors: (name, tensor) pairs, all on `device`, a CUDA device."""
+    """tensors: (name, tensor) pairs, x first, all on `device`, a CUDA device."""
+    if device.type != "cuda":
+        raise ValueError(f"{tensors[0][0]} is on {device}: the csrc kernel needs CUDA tensors")
     for name, t in tensors:
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, x on {device}: every tensor must be on one CUDA device")
-    if device.type != "cuda":
-        raise ValueError(f"{tensors[0][0]} is on {device}: the csrc kernel needs CUDA tensors")
 
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's launcher calls: no Stream object

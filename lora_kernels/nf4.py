@@ -53,7 +53,10 @@ def is_cpu_repacked(quant_state) -> bool:
     """bitsandbytes repacks CPU weights in place for AVX512-BF16 kernels: a layout the kernels cannot read."""
     own = getattr(quant_state, "__dict__", None)
     if type(own) is dict:  # it sets the flag on the instance; asking for a missing one runs QuantState.__getattr__
-        return bool(own.get("packing_format_for_cpu", False))
+        if "packing_format_for_cpu" in own:
+            return bool(own["packing_format_for_cpu"])
+        if not hasattr(type(quant_state), "packing_format_for_cpu"):  # a class attribute or property still counts
+            return False
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
 
 

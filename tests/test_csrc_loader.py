@@ -233,11 +233,16 @@ def test_device_check_refuses_cpu_tensors(use_lib, tmp_path):
 
 
 def test_device_check_names_the_tensor_on_another_device():
+    from types import SimpleNamespace
+
     cpu, meta = torch.empty(2, device="cpu"), torch.empty(2, device="meta")
-    with pytest.raises(ValueError, match="b is on meta, x on cpu"):
-        csrc._check_devices([("x", cpu), ("b", meta)], cpu.device)
     with pytest.raises(ValueError, match="x is on cpu: the csrc kernel needs CUDA tensors"):
-        csrc._check_devices([("x", cpu), ("b", cpu)], cpu.device)
+        csrc._check_devices([("x", cpu), ("b", meta)], cpu.device)  # a CPU x is named first, whatever else
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)  # device objects only: nothing runs there
+    on = [("x", SimpleNamespace(device=gpu0)), ("b", SimpleNamespace(device=gpu1))]
+    with pytest.raises(ValueError, match="b is on cuda:1, x on cuda:0: every tensor must be on one CUDA device"):
+        csrc._check_devices(on, gpu0)
+    csrc._check_devices(on[:1], gpu0)
 
 
 def test_use_for_forward(use_lib, fake, monkeypatch, tmp_path):

@@ -119,6 +119,13 @@ def test_cpu_repacked_layout_is_detected_and_refused():
     flagged.packing_format_for_cpu = True
     assert is_cpu_repacked(flagged) and not is_cpu_repacked(Slotted())
 
+    class Repacked(type(state)):  # the flag as a class attribute, not on the instance
+        packing_format_for_cpu = True
+
+    state.__class__ = Repacked
+    del state.packing_format_for_cpu
+    assert is_cpu_repacked(state)
+
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_read_quant_state_takes_fp32_tensors_as_they_are(nested):
