@@ -13,6 +13,8 @@ NF4-layout data (no bitsandbytes needed). The L2 is flushed by a read before eve
   bytes as the kernel reads;
 - op_auto / op_dequant / op_fused: CUDA-event time of the whole qlora_linear call (host time included) on the
   default path (csrc at M <= 16 when built), LORA_KERNELS_PATH=dequant and =fused (the Triton decode path);
+  op_graph: the default path's call captured in a CUDA graph and replayed (what generation with CUDA graphs
+  pays: no host time); nan when the capture failed (printed);
 - floor: the bytes (packed W, scales, x, y, B) at the datasheet bandwidth (--bw, TB/s).
 '# launch' lines give each decode's CTAs, warps per CTA and resident CTAs per SM (CUDA's occupancy calculator);
 --warps-sweep adds the shared and exact kernels (both pipelines) at every warps-per-CTA count and, at M <= 8,
@@ -80,6 +82,25 @@ def timed(fn, reps=50):
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
+
+
+def graph_us(fn):
+    """CUDA-event time of fn captured in a CUDA graph and replayed, L2 flushed before each replay; nan (and the
+    reason printed) when the capture fails, so that one failure does not cost the other columns."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timed(graph.replay)
+    except Exception as exc:  # noqa: BLE001 - reported in the output, the column is nan
+        print(f"# CUDA-graph capture failed, op_graph is nan: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        return float("nan")
 
 
 def kernel_us(fn, reps=20):
@@ -150,7 +171,7 @@ def main():
              f" each run; floor = bytes at {bw} TB/s; read_wall = event time of torch.sum over as many bytes",
              "n,k,m,kern_exact,kern_shared,kern_registers,kern_exact_nolora,kern_loads_only,kern_cublas,wall_exact,"
              "wall_cublas,read_wall,op_auto,op_dequant,op_fused,floor,kern_exact_vs_floor,wall_exact_vs_read,"
-             "kern_async_exact,kern_async_shared,kern_async_registers,kern_async_exact_vs_floor"]
+             "kern_async_exact,kern_async_shared,kern_async_registers,kern_async_exact_vs_floor,op_graph"]
     print("\n".join(lines), flush=True)
 
     def with_env(env, fn):
@@ -195,13 +216,15 @@ def main():
             for label, path in (("op_auto", None), ("op_dequant", "dequant"), ("op_fused", "fused")):
                 env = {"LORA_KERNELS_PATH": path} if path else {}
                 row[label] = with_env(env, lambda: timed(lambda: qlora_linear(x, q.packed, state, a, b, 0.5)))
+            with torch.no_grad():
+                row["op_graph"] = graph_us(lambda: qlora_linear(x, q.packed, state, a, b, 0.5))
             floor = nbytes / (bw * 1e12) * 1e6
             cols = ["kern_exact", "kern_shared", "kern_registers", "kern_exact_nolora", "kern_loads_only", "kern_cublas",
                     "wall_exact", "wall_cublas", "read_wall", "op_auto", "op_dequant", "op_fused"]
             line = (f"{n},{k},{m}," + ",".join(f"{row[c]:.1f}" for c in cols) +
                     f",{floor:.1f},{row['kern_exact'] / floor:.2f},{row['wall_exact'] / row['read_wall']:.2f}," +
                     ",".join(f"{row[f'kern_async_{d}']:.1f}" for d in ("exact", "shared", "registers")) +
-                    f",{row['kern_async_exact'] / floor:.2f}")
+                    f",{row['kern_async_exact'] / floor:.2f},{row['op_graph']:.1f}")
             print(line, flush=True)
             lines.append(line)
             for pipeline in ("ring", "async") if async_ok else ("ring",):
