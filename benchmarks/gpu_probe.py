@@ -171,6 +171,7 @@ def pieces(args):
     a.requires_grad_(True)
     host, wall = _host_us(lambda: qlora_linear(x, q.packed, state, a, b, 0.5))
     print(f"  pieces {n}x{k} M={m}: {'qlora_linear, lora_A grad':32s} host {host:8.1f} us  wall {wall:8.1f} us")
+    csrc_pieces(n, k, m, q, state, x, a, b)
     for path in ("dequant", "csrc"):
         os.environ["LORA_KERNELS_PATH"] = path
         try:
@@ -181,6 +182,35 @@ def pieces(args):
             continue
         print(f"  pieces {n}x{k} M={m}: {'qlora_linear ' + path + ' path':32s} host {host:8.1f} us  wall {wall:8.1f} us")
     os.environ["LORA_KERNELS_PATH"] = args.path
+
+
+def csrc_pieces(n, k, m, q, state, x, a, b):
+    """Host time of each piece of a no-grad decode call on the csrc path, innermost first, with fp32 adapters
+    (PEFT's default): where the op's time beyond the kernel goes on this host."""
+    from lora_kernels import csrc
+    from lora_kernels.nf4 import read_quant_state
+
+    if not csrc.available():
+        print(f"  pieces: csrc path: {csrc.status()['reason']}", flush=True)
+        return
+    a32, b32 = a.float(), b.float()
+    xa, out = torch.mm(x, a.t()), torch.empty(m, n, device="cuda", dtype=x.dtype)
+    cases = [
+        ("csrc: current stream", lambda: csrc._current_stream(x.device)),
+        ("csrc: read_quant_state", lambda: read_quant_state(q.packed, state)),
+        ("csrc: torch.empty(out)", lambda: torch.empty(m, n, device="cuda", dtype=x.dtype)),
+        ("csrc: fp32 A, B to bf16 (2 casts)", lambda: (a32.to(x.dtype), b32.to(x.dtype))),
+        ("csrc: xa = x A^T (cuBLAS)", lambda: torch.mm(x, a.t())),
+        ("csrc: argument checks only", lambda: csrc._decode_args(x, q, xa, b, None, 0.5, out, False, None)),
+        ("csrc: linear_decode_fwd", lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out)),
+        ("csrc: qlora_linear, bf16 A, B", lambda: qlora_linear(x, q.packed, state, a, b, 0.5)),
+        ("csrc: qlora_linear, fp32 A, B", lambda: qlora_linear(x, q.packed, state, a32, b32, 0.5)),
+    ]
+    os.environ["LORA_KERNELS_PATH"] = "csrc"
+    for label, fn in cases:
+        with torch.no_grad():
+            host, wall = _host_us(fn)
+        print(f"  pieces {n}x{k} M={m}: {label:32s} host {host:8.1f} us  wall {wall:8.1f} us", flush=True)
 
 
 def host_profile(args):
