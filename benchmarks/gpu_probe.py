@@ -163,11 +163,7 @@ def pieces(args):
         ("torch.ops linear_fwd", lambda: torch.ops.lora_kernels.linear_fwd(*fargs[:9], seed)),
         ("qlora_linear no_grad", lambda: qlora_linear(x, q.packed, state, a, b, 0.5)),
     ]
-    os.environ["LORA_KERNELS_PATH"] = "fused"
-    for label, fn in cases:
-        with torch.no_grad():
-            host, wall = _host_us(fn)
-        print(f"  pieces {n}x{k} M={m}: {label:32s} host {host:8.1f} us  wall {wall:8.1f} us", flush=True)
+    _print_pieces(n, k, m, cases, "fused")
     a.requires_grad_(True)
     host, wall = _host_us(lambda: qlora_linear(x, q.packed, state, a, b, 0.5))
     print(f"  pieces {n}x{k} M={m}: {'qlora_linear, lora_A grad':32s} host {host:8.1f} us  wall {wall:8.1f} us")
@@ -206,7 +202,12 @@ def csrc_pieces(n, k, m, q, state, x, a, b):
         ("csrc: qlora_linear, bf16 A, B", lambda: qlora_linear(x, q.packed, state, a, b, 0.5)),
         ("csrc: qlora_linear, fp32 A, B", lambda: qlora_linear(x, q.packed, state, a32, b32, 0.5)),
     ]
-    os.environ["LORA_KERNELS_PATH"] = "csrc"
+    _print_pieces(n, k, m, cases, "csrc")
+
+
+def _print_pieces(n, k, m, cases, path):
+    """Host and wall time per call of each (label, fn), without grad, on LORA_KERNELS_PATH=path."""
+    os.environ["LORA_KERNELS_PATH"] = path
     for label, fn in cases:
         with torch.no_grad():
             host, wall = _host_us(fn)
