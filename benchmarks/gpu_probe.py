@@ -167,16 +167,9 @@ def pieces(args):
     a.requires_grad_(True)
     host, wall = _host_us(lambda: qlora_linear(x, q.packed, state, a, b, 0.5))
     print(f"  pieces {n}x{k} M={m}: {'qlora_linear, lora_A grad':32s} host {host:8.1f} us  wall {wall:8.1f} us")
-    csrc_pieces(n, k, m, q, state, x, a, b)
-    for path in ("dequant", "csrc"):
-        os.environ["LORA_KERNELS_PATH"] = path
-        try:
-            with torch.no_grad():
-                host, wall = _host_us(lambda: qlora_linear(x, q.packed, state, a, b, 0.5))
-        except Exception as exc:  # noqa: BLE001 - csrc may be absent
-            print(f"  pieces: {path} path: {exc}")
-            continue
-        print(f"  pieces {n}x{k} M={m}: {'qlora_linear ' + path + ' path':32s} host {host:8.1f} us  wall {wall:8.1f} us")
+    _print_pieces(n, k, m, [("qlora_linear dequant path", lambda: qlora_linear(x, q.packed, state, a, b, 0.5))],
+                  "dequant")
+    csrc_pieces(n, k, m, q, state, x, a, b)  # the csrc path's whole call is its last pieces
     os.environ["LORA_KERNELS_PATH"] = args.path
 
 

@@ -128,7 +128,7 @@ def read_quant_state(weight: torch.Tensor, quant_state) -> Quant4bit:
                      offset=offset if offset.dim() == 0 else offset.reshape(()), blocksize2=bs2)
     else:
         absmax = _fp32(absmax)
-    q = Quant4bit(packed=packed, code=_fp32(code), absmax=absmax if absmax.is_contiguous() else absmax.contiguous(),
+    q = Quant4bit(packed=packed, code=_fp32(code), absmax=absmax.contiguous(),
                   blocksize=blocksize, shape=shape, dtype=quant_state.dtype, quant_type=quant_type, **extra)
     device = packed.device
     if any(t.device != device for t in q.meta_tensors() if t.dim() > 0):

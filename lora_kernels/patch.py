@@ -426,8 +426,7 @@ def _current_reason(module, kind):
     if isinstance(terms, str):
         return terms
     if kind == "Linear4bit":
-        state = getattr(module.base_layer.weight, "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False):
+        if is_cpu_repacked(getattr(module.base_layer.weight, "quant_state", None)):
             return _REPACKED
     elif module.base_layer.weight.requires_grad:
         return "the base weight requires grad (the fused op never gives W a gradient)"

@@ -23,6 +23,21 @@ def bnb_dequantize(packed, state):
     return bnbF.dequantize_4bit(packed, flat).view(state.shape)
 
 
+def capture_cuda_graph(fn, warmups=1):
+    """(graph, what fn returned inside the capture): fn run `warmups` times on a side stream first (compiles,
+    autotuning, cached allocations stay out of the capture), then captured once."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 

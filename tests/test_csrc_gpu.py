@@ -10,7 +10,7 @@ import lora_kernels as lk
 from lora_kernels import csrc
 from lora_kernels.nf4 import Quant4bit
 from lora_kernels.reference import dequantize_4bit_ref
-from tests._util import max_err
+from tests._util import capture_cuda_graph, max_err
 
 pytestmark = pytest.mark.gpu
 
@@ -182,14 +182,7 @@ def test_cuda_graph_capture(monkeypatch, pipeline):
     xa = torch.randn(m, 16, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, 16, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out)
+    graph, _ = capture_cuda_graph(lambda: csrc.linear_decode_fwd(x, q, xa, b, None, 0.5, out=out))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

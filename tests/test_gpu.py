@@ -5,7 +5,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference
-from tests._util import assert_close_to_oracle, quantized
+from tests._util import assert_close_to_oracle, capture_cuda_graph, quantized
 
 pytestmark = pytest.mark.gpu
 
@@ -117,15 +117,7 @@ def test_decode_call_in_a_cuda_graph(monkeypatch, path):
         return lk.qlora_linear(x, packed, state, a, b, 2.0, bias=bias)
 
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles and autotunes here
-            for _ in range(3):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = call()
+        graph, y = capture_cuda_graph(call, warmups=3)
         for _ in range(2):
             x.copy_(torch.randn_like(x))
             graph.replay()
